@@ -1,0 +1,142 @@
+"""The `handrail` command. Each subcommand fills one config dataclass (flags, then an optional
+YAML preset via --config, then trailing key=value overrides) and calls one library function.
+Bad input ends with a one-line message on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from handrail import config as C
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", required=True, help="HF folder or hub id, a .gguf file, or 'smollm2'")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", help="embedded task (default: chain)")
+    src.add_argument("--data", help="JSONL / Parquet / saved datasets folder")
+    p.add_argument("--config", help="YAML file of config keys")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+
+def cmd_pretrain(a) -> int:
+    from handrail.pretrain import PretrainConfig, pretrain
+
+    cfg = C.build(PretrainConfig, a.config, a.overrides, out=a.out, task=a.task, data=a.data, seed=a.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    C.save(cfg, os.path.join(cfg.out, "pretrain_config.json"))
+    result = pretrain(cfg)
+    with open(os.path.join(cfg.out, "pretrain_result.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from handrail.evaluate import evaluate
+    from handrail.models import load_model
+    from handrail.run import eval_records
+
+    model, tokenizer, templates = load_model(a.model)
+    task, records = eval_records(a.task, a.data, a.level, a.n)
+    res = evaluate(model, tokenizer, templates, records, task=task, hint=a.hint, samples=a.samples,
+                   max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                   temperature=a.temperature, seed=a.seed)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        sampled = "n/a" if res["accuracy_sampled"] is None else f"{res['accuracy_sampled']:.1%}"
+        print(f"pass@1 greedy {res['accuracy']:.1%} | sampled {sampled} ({a.samples} per problem) | "
+              f"leak rate {res['leak_rate']:.1%} | n={res['n']} | hint={a.hint} | "
+              f"{res['tokens']} tokens in {res['seconds']:.1f}s")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from handrail.train import TrainConfig, train
+
+    if a.resume:
+        saved = os.path.join(a.resume, "config.json")
+        if not os.path.exists(saved):
+            raise FileNotFoundError(f"{a.resume}: not a run folder (no config.json)")
+        cfg = C.build(TrainConfig, saved, a.overrides, out=a.resume)
+    else:
+        flags = {k: getattr(a, k) for k in ("model", "task", "data", "method", "rule", "teacher",
+                                             "rollouts", "seed", "out")}
+        cfg = C.build(TrainConfig, a.config, a.overrides, **flags)
+    print(json.dumps(train(cfg, resume=bool(a.resume))))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from handrail.run import default_base_model
+
+    default_base_model(rebuild=a.rebuild)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="handrail", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="build a tiny base model from scratch on a task or data file")
+    _common(p, model=False)
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="held-out pass@1 (greedy and sampled) and leak rate")
+    _common(p)
+    p.add_argument("--hint", default="none", choices=["none", "solution", "answer"])
+    p.add_argument("--samples", type=int, default=1, help="sampled completions per problem (0: greedy only)")
+    p.add_argument("--level", type=int, help="task difficulty (default: the task's post-training level)")
+    p.add_argument("--n", type=int, default=200, help="problems to evaluate")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("train", help="post-train a model (self-distill, grpo or sft)")
+    _common(p, model=False)
+    p.add_argument("--model", help="HF folder or hub id, a .gguf file, or 'smollm2'")
+    p.add_argument("--method", help="self-distill (default) | grpo | sft")
+    p.add_argument("--rule", help="aggregation rule: trust-region (default) | geometric | support | none")
+    p.add_argument("--teacher", help="frozen (default) | live | ema")
+    p.add_argument("--rollouts", type=int, help="budget of sampled student completions")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default task")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cached base model")
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from handrail.data import DataError
+    from handrail.models import ModelError
+
+    a = parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep --json output and logs clean
+    hf_logging.set_verbosity_error()
+    try:
+        return a.fn(a)
+    except (DataError, C.ConfigError, ModelError, ValueError, FileNotFoundError) as e:
+        print(f"handrail {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"handrail {a.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

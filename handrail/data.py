@@ -1,0 +1,185 @@
+"""The data contract: records with a prompt, a privileged reference and an optional answer,
+read from JSONL, Parquet or a saved `datasets` dataset, and rendered into student and teacher
+prompts.
+
+A record is `prompt` (a string, or chat `messages`), `solution` (the reference the teacher
+sees; alias `privileged_context`) and optional `answer` (what a verifier checks). Every bad
+record is reported as `file:line: field 'x': problem`; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from handrail.tasks import Problem, extract_answer
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A bad input record; the message names file, line and field."""
+
+
+@dataclass
+class Record:
+    prompt: str | list[dict]  # a string, or chat messages ending with a user turn
+    solution: str | None = None
+    answer: str | None = None
+    source: str = ""  # "file:line", for messages about this record
+    level: int = 0  # difficulty, for embedded tasks (leak rate needs it)
+
+    @property
+    def text(self) -> str:
+        """The problem as plain text (the last user turn for chats)."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[-1]["content"]
+
+
+@dataclass
+class Templates:
+    """How the student and teacher prompts are written. `{prompt}` and `{solution}` are filled in;
+    with a chat tokenizer this text becomes the content of the last user turn."""
+
+    student: str = "{prompt}\n\nSolve step by step. End with the final answer as '#### <answer>'."
+    teacher: str = (
+        "{prompt}\n\nA reference solution follows. Solve the problem yourself, step by step, "
+        "using it only as a hint.\n\nReference solution:\n{solution}\n\n"
+        "End with the final answer as '#### <answer>'."
+    )
+
+
+# The embedded tiny models have no chat template; short templates keep their sequences short.
+TINY_TEMPLATES = Templates(student="{prompt}\n", teacher="{prompt}\n[{solution}]\n")
+
+
+def records_from_task(problems: list[Problem]) -> list[Record]:
+    return [Record(p.prompt, p.solution, p.answer, source=f"task:{i}", level=p.level)
+            for i, p in enumerate(problems)]
+
+
+# -- loading -------------------------------------------------------------------------------------
+def load_records(path: str | Path) -> list[Record]:
+    """Read and validate every record. Raises DataError naming the first bad record (and how many
+    more there are) — never returns a partial list."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        import datasets
+
+        rows = enumerate(datasets.load_from_disk(str(path)), start=1)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = enumerate(pq.read_table(path).to_pylist(), start=1)
+    else:
+        rows = _jsonl_rows(path)
+    records, errors = [], []
+    for line, row in rows:
+        try:
+            records.append(parse_record(row, f"{path}:{line}"))
+        except DataError as e:
+            errors.append(str(e))
+    if errors:
+        more = f" ({len(errors) - 1} more bad records)" if len(errors) > 1 else ""
+        raise DataError(errors[0] + more)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _jsonl_rows(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield line, json.loads(raw)
+            except json.JSONDecodeError as e:
+                yield line, _Bad(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})")
+
+
+@dataclass
+class _Bad:
+    message: str
+
+
+def parse_record(row, where: str) -> Record:
+    if isinstance(row, _Bad):
+        raise DataError(row.message)
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    prompt = row.get("prompt", row.get("messages"))
+    key = "prompt" if "prompt" in row else "messages"
+    if prompt is None:
+        raise DataError(f"{where}: field 'prompt': missing (give 'prompt' or 'messages')")
+    if isinstance(prompt, list):
+        _check_messages(prompt, where, key)
+    elif not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: field '{key}': expected a non-empty string or chat messages")
+    solution = row.get("solution", row.get("privileged_context"))
+    skey = "solution" if "solution" in row else "privileged_context"
+    if solution is not None and not isinstance(solution, str):
+        raise DataError(f"{where}: field '{skey}': expected a string, got {type(solution).__name__}")
+    answer = row.get("answer")
+    if answer is not None and not isinstance(answer, (str, int, float)):
+        raise DataError(f"{where}: field 'answer': expected a string or number, got {type(answer).__name__}")
+    if not solution and answer is None:
+        raise DataError(f"{where}: field 'solution': missing (a record needs 'solution' or 'answer')")
+    return Record(prompt, solution or None, None if answer is None else str(answer), where)
+
+
+def _check_messages(messages: list, where: str, key: str) -> None:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field '{key}[{i}]': expected {{'role': one of {ROLES}, 'content': str}}")
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(f"{where}: field '{key}': the last message must be a user turn")
+
+
+def reference_answer(rec: Record) -> str | None:
+    """The answer to verify against: `answer`, else the text after the last '####' of the solution."""
+    if rec.answer is not None:
+        return rec.answer
+    return extract_answer(rec.solution) if rec.solution else None
+
+
+# -- rendering -----------------------------------------------------------------------------------
+def _as_chat(rec: Record, content: str) -> list[dict]:
+    turns = [] if isinstance(rec.prompt, str) else [dict(m) for m in rec.prompt[:-1]]
+    return turns + [{"role": "user", "content": content}]
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def student_prompt(tokenizer, rec: Record, t: Templates) -> str:
+    return _render(tokenizer, _as_chat(rec, t.student.format(prompt=rec.text)))
+
+
+def teacher_prompt(tokenizer, rec: Record, t: Templates, hint: str | None = None) -> str:
+    """The teacher sees the same problem plus `hint` (default: the record's solution)."""
+    hint = rec.solution if hint is None else hint
+    if hint is None:
+        raise DataError(f"{rec.source}: field 'solution': missing, and the teacher needs a hint")
+    return _render(tokenizer, _as_chat(rec, t.teacher.format(prompt=rec.text, solution=hint)))
+
+
+def hint_for(rec: Record, mode: str) -> str | None:
+    """`none` → no hint (student prompt), `solution` → full reference, `answer` → '#### answer'."""
+    if mode == "none":
+        return None
+    if mode == "solution":
+        return rec.solution or f"#### {reference_answer(rec)}"
+    if mode == "answer":
+        ans = reference_answer(rec)
+        if ans is None:
+            raise DataError(f"{rec.source}: field 'answer': missing, needed for answer-only hints")
+        return f"#### {ans}"
+    raise ValueError(f"unknown hint mode {mode!r}; choose none, solution or answer")

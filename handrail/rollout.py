@@ -1,0 +1,116 @@
+"""Batched, KV-cached sampling from a causal LM.
+
+Prompts are left-padded so every row's completion starts in the same column; the cache grows
+one column per step, and finished rows keep feeding padding until the whole batch is done.
+
+Sampling noise is drawn per *global* row from a generator seeded by (seed, step): a row gets the
+same noise whether it is sampled alone, in a big batch, or on another process, which is what
+makes multi-process training reproduce single-process training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[list[int]]  # unpadded prompt of each row
+    completion_ids: torch.Tensor  # (B, T) right-padded; includes the stop token
+    completion_mask: torch.Tensor  # (B, T) 1.0 on sampled tokens, 0.0 on padding
+    logprobs: torch.Tensor  # (B, T) log-prob of each sampled token under the sampling distribution
+    texts: list[str]  # decoded completions, special tokens dropped
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (B, max_len), padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set logits outside the smallest set of tokens with cumulative probability >= top_p to -inf."""
+    if top_p >= 1.0:
+        return logits_B_V
+    sorted_logits, order = logits_B_V.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this token already enough
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits_B_V.masked_fill(drop, float("-inf"))
+
+
+def gumbel_noise(shape: tuple[int, int], seed: int, step: int, rows: slice, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    u = torch.rand(shape, generator=g)[rows].clamp_(1e-20, 1.0)
+    return (-(-u.log()).log()).to(device)
+
+
+def choose(logits_B_V: torch.Tensor, temperature: float, top_p: float, noise_B_V: torch.Tensor | None):
+    """Pick next tokens. Returns (tokens (B,), logprob of each under the temperature-scaled policy)."""
+    logits = logits_B_V.float()
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        logp = F.log_softmax(logits, -1)
+    else:
+        logp = F.log_softmax(logits / temperature, -1)
+        filtered = top_p_filter(logp, top_p)
+        noise = noise_B_V if noise_B_V is not None else -torch.empty_like(filtered).exponential_().log()
+        tok = (filtered + noise).argmax(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
+           stop_ids: list[int], temperature: float = 1.0, top_p: float = 1.0,
+           seed: int | None = None, row_offset: int = 0, global_rows: int | None = None) -> Rollout:
+    """Sample one completion per prompt. With `seed`, row i of this call uses global row
+    `row_offset + i` of a (global_rows, V) noise table per step."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    ids, attn = left_pad(prompt_ids, pad_id, device)
+    B = ids.shape[0]
+    global_rows = global_rows or B
+    stops = torch.tensor(stop_ids, device=device)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn),
+                use_cache=True, logits_to_keep=1)
+    tokens, logps, live = [], [], torch.ones(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1]
+        noise = None
+        if seed is not None and temperature > 0:
+            noise = gumbel_noise((global_rows, logits.shape[-1]), seed, step,
+                                 slice(row_offset, row_offset + B), device)
+        tok, lp = choose(logits, temperature, top_p, noise)
+        tok = torch.where(live, tok, torch.full_like(tok, pad_id))
+        tokens.append(tok)
+        logps.append(torch.where(live, lp, torch.zeros_like(lp)))
+        live = live & ~torch.isin(tok, stops)
+        if not live.any():
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=positions(attn)[:, -1:],
+                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    completion = torch.stack(tokens, dim=1)
+    logprobs = torch.stack(logps, dim=1)
+    # a token is part of the completion up to and including the first stop token
+    is_stop = torch.isin(completion, stops).long()
+    mask = ((is_stop.cumsum(1) - is_stop) == 0).float()
+    texts = [tokenizer.decode([t for t, m in zip(row, mrow) if m], skip_special_tokens=True)
+             for row, mrow in zip(completion.tolist(), mask.tolist())]
+    return Rollout([list(p) for p in prompt_ids], completion, mask, logprobs * mask, texts)

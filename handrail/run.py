@@ -1,0 +1,43 @@
+"""Shared plumbing for commands: where evaluation problems come from, the cached default base
+model, run folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from handrail.data import Record, load_records, records_from_task
+from handrail.tasks import DEFAULT_TASK, StepArithmeticTask, get_task
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HANDRAIL_CACHE", Path.home() / ".cache" / "handrail"))
+
+
+def eval_records(task: str | None, data: str | None, level: int | None = None,
+                 n: int | None = None) -> tuple[StepArithmeticTask | None, list[Record]]:
+    """Held-out problems: a task's test split (at its post-training level unless `level`), or
+    the records of a data file."""
+    if data:
+        records = load_records(data)
+        return None, records[:n] if n else records
+    t = get_task(task or DEFAULT_TASK)
+    return t, records_from_task(t.split("test", n or t.test_size, level))
+
+
+def default_base_model(rebuild: bool = False, log=print) -> Path:
+    """The embedded default base model, built once and cached."""
+    from handrail.pretrain import PretrainConfig, pretrain
+
+    folder = cache_dir() / f"base-{DEFAULT_TASK}-v1"
+    result_file = folder / "pretrain_result.json"
+    if result_file.exists() and not rebuild:
+        r = json.loads(result_file.read_text())
+        log(f"base model (cached): {folder}")
+    else:
+        r = pretrain(PretrainConfig(out=str(folder)), log=log)
+        result_file.write_text(json.dumps(r, indent=2))
+    log(f"student pass@1 {r['student_accuracy']:.1%} | teacher pass@1 (solution hint) "
+        f"{r['teacher_accuracy']:.1%} | n={r['eval_n']}")
+    return folder

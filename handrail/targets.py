@@ -1,0 +1,108 @@
+"""Aggregation rules: the target `q = A(p_S, p_T)` the student is distilled towards.
+
+Each rule is a pure function `(logp_S, logp_T, **params) -> logq` over the last (vocabulary)
+dimension. Inputs may hold `-inf` and may be bf16; outputs are float32 log-probabilities. The
+target is a constant for the loss, so callers pass detached log-probs.
+
+Why aggregate at all: a teacher that has seen the answer puts mass on tokens the student cannot
+yet justify (the answer, before the work). Copying that mass teaches guessing. Each rule below
+keeps the target near what the student already considers, and says how far it lets the teacher
+pull. What each guarantees, and the tests that check it (tests/test_targets.py):
+
+| rule          | teacher == student | a token with p_S(y) <= eps gets at most                       |
+|---------------|--------------------|----------------------------------------------------------------|
+| geometric     | q = p_S            | no bound: a one-hot teacher makes q one-hot (for lam > 0)      |
+| trust-region  | q = p_S            | the x solving kl(x || eps) = delta; roughly (delta + ln 2)/ln(1/eps); and KL(q||p_S) <= delta always |
+| support       | q = p_S            | eps itself, if y is outside the student's top-p nucleus (true whenever eps < (1 - top_p) / V) |
+| none          | q = p_S            | no bound: q = p_T                                              |
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+FLOOR = -1e4  # stands in for -inf: exp(FLOOR) == 0 in float32, but FLOOR * 0 == 0, not nan
+
+
+def _finite(logp: torch.Tensor) -> torch.Tensor:
+    return logp.float().clamp(min=FLOOR)
+
+
+def kl(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) over the last dimension; 0 * log 0 counts as 0."""
+    logq, logp = _finite(logq), _finite(logp)
+    return (logq.exp() * (logq - logp)).sum(-1).clamp(min=0.0)
+
+
+def none(logp_S: torch.Tensor, logp_T: torch.Tensor) -> torch.Tensor:
+    """Plain privileged distillation: copy the teacher."""
+    return F.log_softmax(_finite(logp_T), -1)
+
+
+def geometric(logp_S: torch.Tensor, logp_T: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
+    """log q ∝ (1 - lam) log p_S + lam log p_T. lam = 1/2 is the normalised geometric mean."""
+    S, T = _finite(logp_S), _finite(logp_T)
+    return F.log_softmax(S + lam * (T - S), -1)
+
+
+def trust_region(logp_S: torch.Tensor, logp_T: torch.Tensor, delta: float = 0.1,
+                 lam_max: float = 1.0, iters: int = 16) -> torch.Tensor:
+    """The geometric family with lam chosen per position as the largest value in [0, lam_max]
+    with KL(q || p_S) <= delta: the teacher may move the student by at most `delta` nats here.
+    KL(q_lam || p_S) grows monotonically with lam, so bisection finds it; the lower end is
+    always feasible, so the bound holds exactly, not just up to bisection error."""
+    S, T = _finite(logp_S), _finite(logp_T)
+
+    def target(lam):
+        return F.log_softmax(S + lam * (T - S), -1)
+
+    hi = torch.full(S.shape[:-1] + (1,), lam_max, device=S.device)
+    fits_max = kl(target(hi), S) <= delta
+    lo = torch.zeros_like(hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        ok = (kl(target(mid), S) <= delta)[..., None]
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    lam = torch.where(fits_max[..., None], torch.full_like(lo, lam_max), lo)
+    return target(lam)
+
+
+def nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean mask of the smallest set of top tokens with total probability >= top_p."""
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    p = sorted_logp.exp()
+    keep_sorted = (p.cumsum(-1) - p) < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def support(logp_S: torch.Tensor, logp_T: torch.Tensor, top_p: float = 0.9) -> torch.Tensor:
+    """Inside the student's top-p nucleus, the teacher's preferences, rescaled to the mass the
+    student gives the nucleus; outside it, the student unchanged. The teacher may reorder what
+    the student seriously considers, and can never promote anything else."""
+    S, T = F.log_softmax(_finite(logp_S), -1), _finite(logp_T)
+    keep = nucleus(S, top_p)
+    log_mass = torch.logsumexp(S.masked_fill(~keep, float("-inf")), -1, keepdim=True)
+    inside = F.log_softmax(T.masked_fill(~keep, float("-inf")), -1) + log_mass
+    return torch.where(keep, inside, S)
+
+
+RULES: dict[str, Callable[..., torch.Tensor]] = {
+    "none": none,
+    "geometric": geometric,
+    "trust-region": trust_region,
+    "support": support,
+}
+
+
+def make_rule(name: str, lam: float = 0.5, delta: float = 0.1, lam_max: float = 1.0,
+              top_p: float = 0.9) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Bind a rule's own parameters from the flat training config."""
+    params = {"none": {}, "geometric": {"lam": lam}, "trust-region": {"delta": delta, "lam_max": lam_max},
+              "support": {"top_p": top_p}}
+    if name not in RULES:
+        raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
+    return partial(RULES[name], **params[name])

@@ -1,0 +1,277 @@
+"""`handrail train`: the one training loop, for every method.
+
+    for each step:
+        sample prompts            (the same global draw on every process; each takes its slice)
+        roll out                  (student completions g ~ pi(.|P_S), KV-cached, no grad)
+        score                     (teacher hidden states on [P_T, g] / rewards; no grad)
+        loss                      (a per-token signal on completion tokens, chunked over T)
+        step                      (backward, clip, optimizer, EMA teacher)
+        log / eval / checkpoint
+
+Methods differ only in `score` and the chunk loss they hand to `chunked_sum` (see methods.py).
+Losses are sums over tokens divided by the *global* token count, so N processes at a global
+batch of B reproduce one process at B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from handrail import config as C
+from handrail.data import load_records, records_from_task
+from handrail.evaluate import evaluate, prompt_ids
+from handrail.models import HiddenStates, load_model, save_model, stop_ids
+from handrail.rollout import sample
+from handrail.tasks import DEFAULT_TASK, get_task
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""  # HF folder / hub id / .gguf / 'smollm2'
+    out: str = "runs/train"  # run folder: config.json, metrics.jsonl, checkpoint/, model/
+    task: str | None = None  # embedded task (default: chain); ignored with `data`
+    data: str | None = None  # JSONL / Parquet / datasets folder of training records
+    eval_data: str | None = None  # held-out records for `data` runs (default: none)
+    method: str = "self-distill"  # self-distill | grpo | sft
+    rule: str = "trust-region"  # aggregation: trust-region | geometric | support | none
+    teacher: str = "frozen"  # frozen (initial weights) | live (current, no grad) | ema
+    ema_decay: float = 0.95  # for teacher=ema
+    hint: str = "solution"  # what the teacher sees: solution | answer
+    lam: float = 0.5  # geometric rule: weight of the teacher
+    delta: float = 0.1  # trust-region rule: max nats the teacher may move the student per token
+    lam_max: float = 1.0  # trust-region rule: upper end of the lambda search
+    support_top_p: float = 0.9  # support rule: the student's nucleus
+    intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
+    rollouts: int = 1024  # budget: sampled student completions, all processes together
+    prompts_per_step: int = 16  # global prompts per step
+    samples_per_prompt: int = 1  # completions per prompt (GRPO's group size G)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_eps: float = 0.2  # grpo: ratio clip
+    kl_coef: float = 0.0  # grpo: weight of KL to the initial model (0 = no reference pass)
+    chunk_size: int = 128  # sequence positions per loss chunk
+    level: int | None = None  # task difficulty to train and evaluate on (default: task's post level)
+    train_n: int = 2000  # training problems drawn from the task
+    eval_n: int = 200  # held-out problems
+    eval_every: int = 8  # steps between evaluations (0: only at the start and end)
+    eval_samples: int = 0  # sampled completions per eval problem, besides greedy
+    checkpoint_every: int = 16  # steps between checkpoints (0: only at the end)
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate)
+    log_with: str | None = None  # accelerate tracker: tensorboard | wandb | ... (metrics.jsonl always)
+    threads: int = 0  # torch threads per process (0 = leave as is)
+
+    def validate(self):
+        from handrail.methods import METHODS
+        from handrail.targets import RULES
+
+        if not self.model:
+            raise ValueError("config key 'model': required")
+        if self.method not in METHODS:
+            raise ValueError(f"config key 'method': unknown {self.method!r}; choose {', '.join(METHODS)}")
+        if self.rule not in RULES:
+            raise ValueError(f"config key 'rule': unknown {self.rule!r}; choose {', '.join(RULES)}")
+        if self.teacher not in ("frozen", "live", "ema"):
+            raise ValueError(f"config key 'teacher': unknown {self.teacher!r}; choose frozen, live or ema")
+        if self.hint not in ("solution", "answer"):
+            raise ValueError(f"config key 'hint': unknown {self.hint!r}; choose solution or answer")
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@dataclass
+class State:
+    """Everything a resumed run needs besides weights and optimizer."""
+
+    step: int = 0
+    rollouts: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def _slice(n: int, rank: int, world: int) -> slice:
+    if n % world:
+        raise ValueError(f"global batch {n} is not divisible by {world} processes")
+    per = n // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from handrail.methods import METHODS
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
+                      project_dir=cfg.out if cfg.log_with else None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        C.save(cfg, out / "config.json")
+    ckpt = _checkpoint_dir(out) if resume else None
+    if resume and ckpt is None:
+        raise ValueError(f"{out}: no checkpoint to resume from")
+
+    # -- model, data, method ---------------------------------------------------------------------
+    lm, tokenizer, templates = load_model(str(ckpt / "model") if ckpt else cfg.model, device=acc.device)
+    initial = lm if not ckpt else load_model(cfg.model, device=acc.device)[0]
+    task, train_recs, eval_recs = _records(cfg)
+    policy = HiddenStates(lm).train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    method = METHODS[cfg.method](cfg, initial, tokenizer, templates, task)  # copies what it keeps
+    state = State()
+    if ckpt:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=True))
+        method.load_state_dict(torch.load(ckpt / "method.pt", map_location=acc.device, weights_only=True))
+        state = State(**json.loads((ckpt / "state.json").read_text()))
+        _truncate_metrics(out / "metrics.jsonl", state.step)
+    policy, opt = acc.prepare(policy, opt)
+    if cfg.log_with:
+        acc.init_trackers(out.name, config=asdict(cfg))
+    stops = stop_ids(tokenizer)
+    rows = _slice(cfg.rollouts_per_step, acc.process_index, acc.num_processes)
+    total_steps = cfg.rollouts // cfg.rollouts_per_step
+    bar = tqdm(total=total_steps, initial=state.step, desc=f"train {cfg.method}", unit="step",
+               disable=not acc.is_main_process, dynamic_ncols=True)
+
+    def evaluate_now():
+        if not acc.is_main_process:
+            return {}
+        res = evaluate(acc.unwrap_model(policy).lm, tokenizer, templates, eval_recs, task=task,
+                       samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        return {"eval/pass@1": res["accuracy"], "eval/pass@1_sampled": res["accuracy_sampled"],
+                "eval/leak_rate": res["leak_rate"], "eval/n": res["n"]}
+
+    if state.step == 0 and eval_recs:
+        _log(acc, out, {"step": 0, "rollouts": 0, "tokens": 0, "seconds": 0.0, **evaluate_now()})
+
+    while state.step < total_steps:
+        t0 = time.time()
+        # 1. sample prompts: one global draw (same on every process); this process takes its rows
+        rng = random.Random(f"{cfg.seed}/{state.step}")
+        batch = [r for r in rng.sample(train_recs, cfg.prompts_per_step) for _ in range(cfg.samples_per_prompt)]
+        local = batch[rows]
+
+        # 2. roll out the student (or, for methods that need none, take the reference solution)
+        lm_now = acc.unwrap_model(policy).lm
+        lm_now.eval()
+        if method.needs_rollouts:
+            rollout = sample(lm_now, tokenizer, prompt_ids(tokenizer, local, templates),
+                             max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
+                             temperature=cfg.temperature, top_p=cfg.top_p,
+                             seed=cfg.seed * 100_003 + state.step, row_offset=rows.start,
+                             global_rows=len(batch))
+        else:
+            rollout = method.reference_rollout(local, acc.device)
+        lm_now.train()
+
+        # 3. score: the per-token signal, with no gradient
+        signal = method.score(local, rollout, lm_now, acc)
+
+        # 4. loss on completion tokens, normalised by the global token count
+        n_tokens = acc.reduce(torch.tensor(float(rollout.n_tokens), device=acc.device), "sum").item()
+        hidden = method.student_hidden(policy, local, rollout)
+        loss_sum, metrics = method.loss(acc.unwrap_model(policy).head, hidden, rollout, signal)
+        acc.backward(loss_sum * acc.num_processes / max(n_tokens, 1.0))
+        grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.after_step(acc.unwrap_model(policy).lm)
+
+        # 5. log, evaluate, checkpoint
+        state.step += 1
+        state.rollouts += cfg.rollouts_per_step if method.needs_rollouts else 0
+        state.tokens += int(n_tokens)
+        sums = acc.reduce(torch.stack([loss_sum.detach()] + [m.detach().float() for m in metrics.values()]), "sum")
+        state.seconds += time.time() - t0
+        row = {"step": state.step, "rollouts": state.rollouts, "tokens": state.tokens,
+               "seconds": round(state.seconds, 2), "time/step_s": round(time.time() - t0, 3),
+               "loss/total": sums[0].item() / max(n_tokens, 1.0), "loss/grad_norm": float(grad_norm),
+               **{k: v.item() / max(n_tokens, 1.0) for k, v in zip(metrics, sums[1:])},
+               **method.step_metrics(signal)}
+        last = state.step == total_steps
+        if eval_recs and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+            row.update(evaluate_now())
+        _log(acc, out, row)
+        bar.update(1)
+        bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
+                         if k in ("loss/total", "teacher/kl", "eval/pass@1", "reward/mean")})
+        if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+            _save_checkpoint(acc, out, policy, opt, method, state, tokenizer, templates)
+    bar.close()
+    final = out / "model"
+    if acc.is_main_process:
+        save_model(acc.unwrap_model(policy).lm, tokenizer, final, templates)
+    acc.wait_for_everyone()
+    acc.end_training()
+    summary = {"model": str(final), **asdict(state)}
+    log(f"saved {final} after {state.step} steps, {state.rollouts} rollouts, {state.seconds:.0f}s")
+    return summary
+
+
+def _records(cfg: TrainConfig):
+    if cfg.data:
+        train_recs = load_records(cfg.data)
+        eval_recs = load_records(cfg.eval_data) if cfg.eval_data else []
+        return None, train_recs, eval_recs
+    task = get_task(cfg.task or DEFAULT_TASK)
+    level = cfg.level or task.post_level
+    return (task, records_from_task(task.split("train", cfg.train_n, level, seed=cfg.seed)),
+            records_from_task(task.split("test", cfg.eval_n, level)))
+
+
+def _log(acc, out: Path, row: dict) -> None:
+    if acc.is_main_process:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+
+
+# -- checkpoints: written beside the good one, swapped in only when complete ---------------------
+def _checkpoint_dir(out: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash mid-swap
+        if (out / name / "state.json").exists():
+            return out / name
+    return None
+
+
+def _save_checkpoint(acc, out: Path, policy, opt, method, state: State, tokenizer, templates) -> None:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tmp, good, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(acc.unwrap_model(policy).lm, tokenizer, tmp / "model", templates)
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(method.state_dict(), tmp / "method.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks it complete
+        if good.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(good, old)
+        os.replace(tmp, good)
+        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from, so no step appears twice."""
+    if path.exists():
+        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))

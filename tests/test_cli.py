@@ -1,0 +1,52 @@
+"""Subprocess smoke runs of each command, with tiny sizes, as a user would type them."""
+
+import json
+import os
+import subprocess
+import sys
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def handrail(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "handrail.cli", *args], capture_output=True, text=True, env=ENV)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_pretrain_then_eval_json(tmp_path):
+    out = tmp_path / "m"
+    p = handrail("pretrain", "--task", "sum", "--out", str(out), "max_steps=10", "d_model=32",
+                 "n_layers=1", "n_problems=200", "eval_n=8")
+    assert "student pass@1" in p.stdout and "teacher pass@1" in p.stdout
+    assert (out / "config.json").exists() and (out / "handrail.json").exists()
+    res = json.loads(handrail("eval", "--model", str(out), "--task", "sum", "--n", "8",
+                              "--samples", "2", "--json").stdout)
+    assert {"accuracy", "accuracy_sampled", "leak_rate", "n"} <= set(res) and res["n"] == 8
+
+
+def test_pretrain_on_a_data_file_checks_answers(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"double {i}", "solution": f"{i}*2={2 * i}\n#### {2 * i}"}) + "\n"
+                            for i in range(40)))
+    out = tmp_path / "m"
+    handrail("pretrain", "--data", str(data), "--out", str(out), "max_steps=5", "d_model=32", "n_layers=1")
+    res = json.loads(handrail("eval", "--model", str(out), "--data", str(data), "--samples", "0", "--json").stdout)
+    assert res["n"] == 40 and res["accuracy_sampled"] is None
+
+
+def test_bad_data_is_one_line_exit_2(tmp_path, tiny_model):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "answer": "1"}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    p = handrail("eval", "--model", tiny_model, "--data", str(data), check=False)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.jsonl:2: field 'solution'" in lines[0] and "Traceback" not in p.stderr
+
+
+def test_bad_config_key_and_missing_model_exit_2(tmp_path, tiny_model):
+    p = handrail("train", "--model", tiny_model, "--out", str(tmp_path / "r"), "nonsense=1", check=False)
+    assert p.returncode == 2 and "unknown config key 'nonsense'" in p.stderr
+    p = handrail("eval", "--model", str(tmp_path / "nowhere.gguf"), check=False)
+    assert p.returncode == 2 and "nowhere.gguf" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,109 @@
+import json
+import random
+
+import pytest
+
+from handrail.data import (DataError, Record, Templates, hint_for, load_records, reference_answer,
+                           student_prompt, teacher_prompt)
+from handrail.tasks import TASKS, extract_answer, get_task
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_reference_solutions_verify_and_do_not_leak(name):
+    task = get_task(name)
+    for level in task.levels:
+        for p in task.split("test", 20, level):
+            assert task.verify(p.solution, p.answer)
+            assert not task.leaked(p.solution, level)
+            assert len(p.solution.splitlines()) == level + 1  # level steps + the answer line
+    assert task.leaked("#### 42", 3) and not task.verify("no answer here", "42")
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_splits_are_deterministic_and_disjoint(name):
+    task = get_task(name)
+    test = {p.prompt for p in task.split("test", task.test_size)}
+    assert len(test) == task.test_size
+    assert test == {p.prompt for p in task.split("test", task.test_size)}
+    train = task.split("train", 3000, seed=1)
+    assert not test & {p.prompt for p in train}
+    assert [p.prompt for p in train[:5]] == [p.prompt for p in task.split("train", 5, seed=1)]
+
+
+def test_sum_task_has_several_solution_orders():
+    task = get_task("sum")
+    p = task.make(random.Random(3), 4)
+    nums = [int(x) for x in p.prompt.split()[1:]]
+    other = "\n".join(f"{a}+{b}={a + b}" for a, b in zip([sum(nums[:i]) for i in range(1, len(nums))], nums[1:]))
+    assert task.verify(other + f"\n#### {sum(nums)}", p.answer)
+    problems = task.split("test", 50)
+    assert sum(p.solution.split("+")[0] != p.prompt.split()[1] for p in problems) > 25  # mostly not prompt order
+
+
+def test_extract_answer():
+    assert extract_answer("1+2=3\n#### 3\n") == "3"
+    assert extract_answer("#### 1\n#### 2") == "2"
+    assert extract_answer("none") is None
+
+
+def write(tmp_path, lines):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    return f
+
+
+def test_loads_prompt_messages_alias_and_numeric_answer(tmp_path):
+    f = write(tmp_path, [
+        json.dumps({"prompt": "2+2?", "solution": "2+2=4\n#### 4"}),
+        json.dumps({"messages": [{"role": "user", "content": "3+3?"}], "privileged_context": "6"}),
+        json.dumps({"prompt": "5+5?", "answer": 10}),
+    ])
+    recs = load_records(f)
+    assert [r.text for r in recs] == ["2+2?", "3+3?", "5+5?"]
+    assert recs[1].solution == "6" and recs[2].answer == "10"
+    assert reference_answer(recs[0]) == "4" and hint_for(recs[2], "answer") == "#### 10"
+    assert recs[0].source.endswith("d.jsonl:1")
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("{not json", r"d.jsonl:2: not valid JSON"),
+    (json.dumps({"solution": "x"}), r"d.jsonl:2: field 'prompt': missing"),
+    (json.dumps({"prompt": "q", "solution": 3}), r"d.jsonl:2: field 'solution': expected a string"),
+    (json.dumps({"prompt": "q"}), r"d.jsonl:2: field 'solution': missing"),
+    (json.dumps({"prompt": "q", "answer": [1]}), r"d.jsonl:2: field 'answer'"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "hi"}], "answer": "1"}),
+     r"d.jsonl:2: field 'messages': the last message must be a user turn"),
+    (json.dumps({"messages": [{"role": "bot", "content": "hi"}], "answer": "1"}), r"d.jsonl:2: field 'messages\[0\]'"),
+])
+def test_bad_records_name_file_line_and_field(tmp_path, bad, expected):
+    f = write(tmp_path, [json.dumps({"prompt": "ok", "answer": "1"}), bad, bad])
+    with pytest.raises(DataError, match=expected + r".*\(1 more bad records\)"):
+        load_records(f)
+
+
+def test_parquet_and_datasets_folder(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "1+1?", "solution": "#### 2"}, {"prompt": "", "solution": "#### 3"}]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    with pytest.raises(DataError, match=r"d.parquet:2: field 'prompt'"):
+        load_records(tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows[:1]).save_to_disk(str(tmp_path / "ds"))
+    assert load_records(tmp_path / "ds")[0].solution == "#### 2"
+
+
+class FakeChatTokenizer:
+    chat_template = "yes"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "|".join(f"{m['role']}:{m['content']}" for m in messages) + "|assistant:"
+
+
+def test_prompts_use_templates_and_chat_template():
+    rec = Record(prompt=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}],
+                 solution="#### 4")
+    t = Templates(student="Q {prompt}", teacher="Q {prompt} H {solution}")
+    assert student_prompt(None, rec, t) == "system: be brief\nuser: Q 2+2?\nassistant: "
+    assert teacher_prompt(FakeChatTokenizer(), rec, t) == "system:be brief|user:Q 2+2? H #### 4|assistant:"
+    assert teacher_prompt(None, Record("x", "s"), t, hint="#### 9") == "Q x H #### 9"
