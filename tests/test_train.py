@@ -46,7 +46,11 @@ def test_each_method_runs_and_writes_a_run_folder(tiny_model, tmp_path, kw):
     assert (out / "model" / "config.json").exists() and (out / "checkpoint" / "state.json").exists()
     assert summary["step"] == 4
     before, after = weights(tiny_model), weights(out / "model")
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    changed = any(not torch.equal(before[k], after[k]) for k in before)
+    if kw["method"] == "grpo":  # no group with a reward difference means no gradient at all
+        assert changed == any(r["reward/groups_with_signal"] > 0 for r in log[1:])
+    else:
+        assert changed
 
 
 def test_distillation_moves_the_student_towards_the_teacher(tiny_model, tmp_path):
