@@ -41,6 +41,7 @@ class PretrainConfig:
     answer_hint_frac: float = 0.3  # share of hinted examples whose hint is only the final answer
     direct_plain: float = 0.05  # answer-first completions for plain prompts (a rare guess)
     direct_answer_hint: float = 0.5  # answer-first completions when the hint is the bare answer
+    detour_frac: float = 0.1  # solution-hinted examples that leave the hint's path (task.detour)
     eval_n: int = 200  # held-out problems for the closing report
     threads: int = 0  # torch threads (0 = leave as is)
 
@@ -54,8 +55,9 @@ def _direct(rec: Record) -> str:
     return f"{ANSWER_MARK} {reference_answer(rec)}"
 
 
-def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: random.Random):
-    """(prompt_ids, completion_ids) pairs. The answer-first share differs by prompt type on
+def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: random.Random, task=None):
+    """(prompt_ids, completion_ids) pairs; a detour's given prefix goes on the prompt side, so it
+    carries no loss. The answer-first share differs by prompt type on
     purpose: a model that has been told the answer is much more tempted to just state it, which is
     the 'impossible knowledge' a privileged teacher can leak (see benchmarks/impossible_knowledge)."""
     out = []
@@ -68,6 +70,11 @@ def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: r
             direct = cfg.direct_answer_hint
         else:
             prompt, direct = teacher_prompt(tokenizer, rec, TINY_TEMPLATES, hint_for(rec, "solution")), 0.0
+            detour = task.detour(rec.solution, rng) if task and rng.random() < cfg.detour_frac else None
+            if detour:
+                out.append((tokenizer(prompt + detour[0])["input_ids"],
+                            tokenizer(detour[1])["input_ids"] + [tokenizer.eos_token_id]))
+                continue
         completion = _direct(rec) if rec.solution is None or rng.random() < direct else rec.solution
         out.append((tokenizer(prompt)["input_ids"],
                     tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]))
@@ -104,7 +111,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     texts = [student_prompt(None, r, TINY_TEMPLATES) + teacher_prompt(None, r, TINY_TEMPLATES, hint_for(r, "solution"))
              + _direct(r) for r in records + eval_records]
     tokenizer = build_char_tokenizer(texts)
-    examples = build_examples(records, cfg, tokenizer, rng)
+    examples = build_examples(records, cfg, tokenizer, rng, task)
     max_len = max(len(p) + len(c) for p, c in examples)
     model = build_tiny_model(len(tokenizer), cfg.d_model, cfg.n_layers, cfg.n_heads,
                              max_len=max(256, 2 * max_len), seed=cfg.seed)

@@ -105,6 +105,28 @@ class StepArithmeticTask:
         steps = sum(1 for line in head.splitlines() if _STEP_RE.match(line))
         return steps < level
 
+    def detour(self, solution: str, rng: random.Random) -> tuple[str, str] | None:
+        """An off-path completion for a hinted prompt: the worked solution with a slip in one
+        step's result, then continued *consistently from the slip*. Returns (given prefix,
+        continuation). Pretraining on the continuation only teaches the teacher what a capable
+        teacher does: use the hint while the student is on it, and otherwise work from what the
+        student actually wrote instead of copying the reference's numbers."""
+        steps = [_STEP_RE.match(line) for line in solution.splitlines()[:-1]]
+        if not steps or not all(steps):
+            return None
+        k = rng.randrange(len(steps))
+        ops = [(m.group(2), int(m.group(3))) for m in steps]
+        acc = int(steps[0].group(1))
+        lines = []
+        for i, (op, v) in enumerate(ops):
+            new = acc + v if op == "+" else acc - v
+            if i == k:
+                new = max(0, new + rng.choice([-3, -2, -1, 1, 2, 3]))
+            lines.append(f"{acc}{op}{v}={new}")
+            acc = new
+        prefix = "\n".join(lines[:k + 1]) + "\n"
+        return prefix, "\n".join(lines[k + 1:] + [f"{ANSWER_MARK} {acc}"])
+
     @staticmethod
     def _worked(start: int, ops: list[tuple[str, int]]) -> tuple[str, int]:
         lines, acc = [], start
@@ -120,12 +142,13 @@ class ChainTask(StepArithmeticTask):
     """`37+5-8+6` → `37+5=42`, `42-8=34`, `34+6=40`, `#### 40`. Values stay within 0..99."""
 
     name = "chain"
+    max_operand = 9
 
     def make(self, rng: random.Random, level: int) -> Problem:
         start = rng.randint(10, 89)
         acc, ops = start, []
         for _ in range(level):
-            v = rng.randint(1, 9)
+            v = rng.randint(1, self.max_operand)
             op = rng.choice("+-")
             if not 0 <= (acc + v if op == "+" else acc - v) <= 99:
                 op = "-" if op == "+" else "+"
@@ -147,6 +170,15 @@ class SumTask(StepArithmeticTask):
         rng.shuffle(order)
         solution, ans = self._worked(order[0], [("+", v) for v in order[1:]])
         return Problem("sum " + " ".join(map(str, nums)), solution, str(ans), level)
+
+    def detour(self, solution: str, rng: random.Random):
+        """Half the time a different, valid order than the hint's; otherwise a slip (as above)."""
+        nums = [int(line.split("+")[1].split("=")[0]) for line in solution.splitlines()[:-1]]
+        nums.insert(0, int(solution.split("+")[0]))
+        if rng.random() < 0.5:
+            rng.shuffle(nums)
+            return "", self._worked(nums[0], [("+", v) for v in nums[1:]])[0]
+        return super().detour(solution, rng)
 
 
 TASKS: dict[str, StepArithmeticTask] = {t.name: t for t in (ChainTask(), SumTask())}
