@@ -57,6 +57,13 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
     except OSError as e:
         raise ModelError(f"model {spec}: cannot load ({str(e).splitlines()[0]})") from None
+    if "gguf_file" in kwargs:
+        # transformers dequantizes GGUF weights to `dtype` on load but keeps a quantizer tag that
+        # refuses save_pretrained; the weights are ordinary tensors, so drop the tag
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer, templates_for(path if path.is_dir() else None, tokenizer)

@@ -41,7 +41,7 @@ class PretrainConfig:
     answer_hint_frac: float = 0.3  # share of hinted examples whose hint is only the final answer
     direct_plain: float = 0.05  # answer-first completions for plain prompts (a rare guess)
     direct_answer_hint: float = 0.5  # answer-first completions when the hint is the bare answer
-    detour_frac: float = 0.1  # solution-hinted examples that leave the hint's path (task.detour)
+    detour_frac: float = 0.0  # solution-hinted examples that leave the hint's path (task.detour); see benchmarks/README.md
     eval_n: int = 200  # held-out problems for the closing report
     threads: int = 0  # torch threads (0 = leave as is)
 

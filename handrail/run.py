@@ -30,7 +30,7 @@ def default_base_model(rebuild: bool = False, log=print) -> Path:
     """The embedded default base model, built once and cached."""
     from handrail.pretrain import PretrainConfig, pretrain
 
-    folder = cache_dir() / f"base-{DEFAULT_TASK}-v2"
+    folder = cache_dir() / f"base-{DEFAULT_TASK}-v3"
     result_file = folder / "pretrain_result.json"
     if result_file.exists() and not rebuild:
         r = json.loads(result_file.read_text())
