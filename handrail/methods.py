@@ -15,7 +15,7 @@ import torch
 from handrail.data import hint_for, reference_answer, teacher_prompt
 from handrail.evaluate import is_correct, prompt_ids
 from handrail.models import HiddenStates
-from handrail.objectives import chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk
+from handrail.objectives import chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, token_logp
 from handrail.rollout import Rollout, left_pad, positions
 from handrail.targets import make_rule
 
@@ -156,7 +156,7 @@ def _token_logps(hidden, head, tokens, temperature, chunk):
     out = []
     for s in range(0, hidden.shape[1], chunk):
         logits = head(hidden[:, s:s + chunk]).float() / max(temperature, 1e-6)
-        out.append(logits.gather(-1, tokens[:, s:s + chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
+        out.append(token_logp(logits, tokens[:, s:s + chunk]))
     return torch.cat(out, dim=1)
 
 
