@@ -70,10 +70,31 @@ def cmd_train(a) -> int:
     return 0
 
 
-def cmd_demo(a) -> int:
+def cmd_compare(a) -> int:
+    from handrail.compare import CompareConfig, compare
     from handrail.run import default_base_model
 
-    default_base_model(rebuild=a.rebuild)
+    from handrail.tasks import DEFAULT_TASK
+
+    if not a.model and (a.data or a.task not in (None, DEFAULT_TASK)):
+        raise ValueError("--model is required unless the task is the embedded default")
+    model = a.model or str(default_base_model())
+    flags = dict(model=model, task=a.task, data=a.data, methods=a.methods, rollouts=a.rollouts,
+                 seeds=a.seeds, out=a.out)
+    compare(C.build(CompareConfig, a.config, a.overrides, **flags))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from handrail.compare import CompareConfig, compare
+    from handrail.run import default_base_model
+
+    base = default_base_model(rebuild=a.rebuild, quick=a.quick)
+    out = a.out or ("runs/demo-quick" if a.quick else "runs/demo")
+    cfg = CompareConfig(model=str(base), out=out, methods="self-distill,grpo,sft",
+                        **(dict(rollouts=64, seeds=1, eval_points=2, train="eval_n=50,max_new_tokens=40")
+                           if a.quick else dict(rollouts=1024, seeds=3, eval_points=8)))
+    compare(cfg)
     return 0
 
 
@@ -112,8 +133,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default task")
+    p = sub.add_parser("compare", help="methods side by side: same base, budget, seeds and eval points")
+    _common(p, model=False)
+    p.add_argument("--model", help="base model (default: the embedded default, built if missing)")
+    p.add_argument("--methods", help="comma-separated, e.g. self-distill,grpo,sft,self-distill:none")
+    p.add_argument("--rollouts", type=int, help="samples per run")
+    p.add_argument("--seeds", type=int)
+    p.add_argument("--out", help="results folder")
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("demo", help="the main job: default base model, then self-distill vs GRPO vs SFT")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached base model")
+    p.add_argument("--quick", action="store_true", help="a small base and budget (about 2 minutes)")
+    p.add_argument("--out", help="results folder (default: runs/demo)")
     p.set_defaults(fn=cmd_demo)
     return ap
 

@@ -9,6 +9,7 @@ rollout accounting and the evaluation are shared.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -39,6 +40,13 @@ def _frozen_copy(lm):
     return teacher
 
 
+def until_divergence(logp_T_tokens: torch.Tensor, mask: torch.Tensor, prob: float) -> torch.Tensor:
+    """`mask` (B, T) kept up to and including each row's first token whose teacher log-prob is
+    below log(prob); zero after it."""
+    off = ((logp_T_tokens < math.log(prob)) & (mask > 0)).long()
+    return mask * ((off.cumsum(1) - off) == 0).float()
+
+
 class Method:
     needs_rollouts = True
 
@@ -66,7 +74,13 @@ class SelfDistill(Method):
     g ~ pi(.|P_S); the same model shown the reference, [P_T, g], gives teacher logits; the target
     is q = A(p_S, p_T) (an aggregation rule, targets.py) and the loss is sum_t KL(q_t || p_S,t)
     with q held constant. Teacher weights are the initial model (`frozen`), the current one
-    without gradient (`live`), or an EMA of the student (`ema`)."""
+    without gradient (`live`), or an EMA of the student (`ema`).
+
+    `gate=divergence` trusts the teacher up to and including the first sampled token it gives
+    probability < `gate_prob`, and silences it after: once the student has left the path the
+    teacher would take, the teacher is reading text unlike anything it would write, and what it
+    then predicts is mostly the reference's continuation, not the student's (measured in
+    benchmarks/teacher_probe.py). At the divergence point itself it intervenes fully."""
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
@@ -83,13 +97,20 @@ class SelfDistill(Method):
         teacher.eval()
         hidden_T = completion_hidden(HiddenStates(teacher), prompts, rollout, self.tokenizer.pad_token_id)
         teacher.train(was)
-        return {"hidden_T": hidden_T, "head_T": teacher.get_output_embeddings()}
+        head_T = teacher.get_output_embeddings()
+        mask = rollout.completion_mask
+        if self.cfg.gate == "divergence":
+            lp_T = _token_logps(hidden_T, head_T, rollout.completion_ids, 1.0, self.cfg.chunk_size)
+            mask = until_divergence(lp_T, mask, self.cfg.gate_prob)
+        return {"hidden_T": hidden_T, "head_T": head_T, "mask": mask,
+                "gated": (rollout.completion_mask - mask).sum()}
 
     def loss(self, head, hidden, rollout, signal):
         loss, kl_sum, intervened, raw = chunked_sum(
-            distill_chunk(self.rule, self.cfg.intervene_kl), hidden, head, rollout.completion_mask,
+            distill_chunk(self.rule, self.cfg.intervene_kl), hidden, head, signal["mask"],
             chunk_size=self.cfg.chunk_size, extra_B_T_H=signal["hidden_T"], extra_head=signal["head_T"])
-        return loss, {"teacher/kl": kl_sum, "teacher/intervened": intervened, "teacher/raw_kl": raw}
+        return loss, {"teacher/kl": kl_sum, "teacher/intervened": intervened, "teacher/raw_kl": raw,
+                      "teacher/gated": signal["gated"]}
 
     @torch.no_grad()
     def after_step(self, lm):

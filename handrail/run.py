@@ -26,17 +26,21 @@ def eval_records(task: str | None, data: str | None, level: int | None = None,
     return t, records_from_task(t.split("test", n or t.test_size, level))
 
 
-def default_base_model(rebuild: bool = False, log=print) -> Path:
-    """The embedded default base model, built once and cached."""
+QUICK = dict(max_steps=150, d_model=64, n_layers=2, n_problems=4000, eval_n=100)
+
+
+def default_base_model(rebuild: bool = False, quick: bool = False, log=print) -> Path:
+    """The embedded default base model, built once and cached. `quick` is a much smaller one for
+    smoke runs (it leaves little to learn)."""
     from handrail.pretrain import PretrainConfig, pretrain
 
-    folder = cache_dir() / f"base-{DEFAULT_TASK}-v3"
+    folder = cache_dir() / f"base-{DEFAULT_TASK}-v3{'-quick' if quick else ''}"
     result_file = folder / "pretrain_result.json"
     if result_file.exists() and not rebuild:
         r = json.loads(result_file.read_text())
         log(f"base model (cached): {folder}")
     else:
-        r = pretrain(PretrainConfig(out=str(folder)), log=log)
+        r = pretrain(PretrainConfig(out=str(folder), **(QUICK if quick else {})), log=log)
         result_file.write_text(json.dumps(r, indent=2))
     log(f"student pass@1 {r['student_accuracy']:.1%} | teacher pass@1 (solution hint) "
         f"{r['teacher_accuracy']:.1%} | n={r['eval_n']}")

@@ -51,6 +51,8 @@ class TrainConfig:
     lam_max: float = 1.0  # trust-region rule: upper end of the lambda search
     support_top_p: float = 0.9  # support rule: the student's nucleus
     intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
+    gate: str = "none"  # none | divergence: silence the teacher after the student leaves its path
+    gate_prob: float = 0.05  # divergence gate: a sampled token the teacher gives < this ends its say
     rollouts: int = 1024  # budget: sampled student completions, all processes together
     prompts_per_step: int = 16  # global prompts per step
     samples_per_prompt: int = 1  # completions per prompt (GRPO's group size G)
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"config key 'rule': unknown {self.rule!r}; choose {', '.join(RULES)}")
         if self.teacher not in ("frozen", "live", "ema"):
             raise ValueError(f"config key 'teacher': unknown {self.teacher!r}; choose frozen, live or ema")
+        if self.gate not in ("none", "divergence"):
+            raise ValueError(f"config key 'gate': unknown {self.gate!r}; choose none or divergence")
         if self.hint not in ("solution", "answer"):
             raise ValueError(f"config key 'hint': unknown {self.hint!r}; choose solution or answer")
 

@@ -66,3 +66,17 @@ def test_no_gradient_reaches_the_teacher():
                       chunk_size=10, extra_B_T_H=hidden_T, extra_head=head_T)
     out[0].backward()
     assert hidden_T.grad is None and head_T.weight.grad is None
+
+
+def test_divergence_gate_keeps_tokens_up_to_the_first_unlikely_one():
+    import math
+
+    from handrail.methods import until_divergence
+
+    lp = torch.log(torch.tensor([[0.9, 0.5, 0.01, 0.9, 0.9], [0.9, 0.9, 0.9, 0.9, 0.001],
+                                 [0.001, 0.9, 0.9, 0.9, 0.9]]))
+    mask = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    got = until_divergence(lp, mask, prob=0.05)
+    assert got.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
+    assert torch.equal(until_divergence(lp, mask, prob=1e-9), mask)
+    assert math.isclose(float(until_divergence(lp, mask, prob=1.0).sum()), 3.0)

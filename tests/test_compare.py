@@ -1,0 +1,58 @@
+"""The compare harness and the quick demo, as subprocesses with tiny sizes."""
+
+import json
+import os
+import subprocess
+import sys
+
+from handrail.compare import efficiency_ratio, samples_to_reach
+
+
+def run(*args, env=None):
+    p = subprocess.run([sys.executable, "-m", "handrail.cli", *args], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_compare_writes_results_plot_and_table(tiny_model, tmp_path):
+    out = tmp_path / "cmp"
+    p = run("compare", "--model", tiny_model, "--methods", "self-distill,grpo,sft,self-distill:none",
+            "--rollouts", "32", "--seeds", "2", "--out", str(out), "samples_per_step=8", "eval_points=2",
+            "train=eval_n=8,max_new_tokens=24,level=2,train_n=64")
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"self-distill", "grpo", "sft", "self-distill:none"}
+    for r in res["methods"].values():
+        assert len(r["runs"]) == 2
+        assert [pt["samples"] for pt in r["runs"][0]["curve"]] == [0, 16, 32]  # same points for all
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert "sample-efficiency ratio" in p.stdout and "| grpo |" in (out / "table.md").read_text()
+
+
+def test_compare_on_a_user_jsonl_task(tiny_model, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}", "solution": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n"
+                            for a in range(10, 14) for b in range(1, 5)))
+    out = tmp_path / "cmp"
+    run("compare", "--model", tiny_model, "--data", str(data), "--methods", "self-distill,sft", "--rollouts", "16",
+        "--seeds", "1", "--out", str(out), "samples_per_step=8", "eval_points=1",
+        f"train=eval_data={data},max_new_tokens=16")
+    res = json.loads((out / "results.json").read_text())
+    assert res["methods"]["sft"]["runs"][0]["curve"][-1]["samples"] == 16
+
+
+def test_quick_demo(tmp_path):
+    p = run("demo", "--quick", "--out", str(tmp_path / "demo"), env={"HANDRAIL_CACHE": str(tmp_path / "cache")})
+    assert "| self-distill |" in p.stdout and "plot:" in p.stdout
+    assert (tmp_path / "demo" / "accuracy.png").exists()
+
+
+def test_efficiency_ratio_cases():
+    def res(g, s):
+        return {"grpo": {"mean": [(i * 16, v, 0) for i, v in enumerate(g)]},
+                "self-distill": {"mean": [(i * 16, v, 0) for i, v in enumerate(s)]}}
+
+    assert efficiency_ratio(res([0.1, 0.2, 0.3, 0.4], [0.1, 0.4, 0.4, 0.5]))["ratio"] == 3.0
+    assert efficiency_ratio(res([0.1, 0.2], [0.1, 0.15]))["ratio"] is None
+    assert "never reached" in efficiency_ratio(res([0.1, 0.2], [0.1, 0.15]))["message"]
+    assert samples_to_reach([(0, 0.1), (16, 0.3)], 0.3) == 16
