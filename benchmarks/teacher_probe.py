@@ -5,8 +5,9 @@
 For each held-out problem, a slip is put into one step of the worked solution (as a student
 might make), and the teacher, shown the full reference as its hint, continues greedily from the
 slipped prefix. Its next line is classified as *consistent* (the correct next step computed from
-the slipped value), *copies reference* (the reference's own next line, which the student's work
-does not justify), or *other*. Self-distillation assumes a mostly consistent teacher.
+the slipped value), *reference result* (whatever the operands, the result is the reference's
+next result, which the student's work does not justify), or *other* (e.g. its own arithmetic
+slip). Self-distillation assumes a mostly consistent teacher.
 """
 
 import random
@@ -32,13 +33,16 @@ def probe(model_path: str, n: int = 200, seed: int = 0) -> dict:
         copied.append(ref_lines[k])
     out = sample(model, tok, prompts, max_new_tokens=16, stop_ids=stop_ids(tok), temperature=0)
     firsts = [t.splitlines()[0] if t else "" for t in out.texts]
+    def result(line):
+        return line.rsplit("=", 1)[-1].replace("####", "").strip()
+
     cons = sum(f == e for f, e in zip(firsts, expected)) / n
-    copy = sum(f == c and f != e for f, e, c in zip(firsts, expected, copied)) / n
+    copy = sum(f != e and result(f) == result(c) for f, e, c in zip(firsts, expected, copied)) / n
     return {"model": model_path, "consistent": cons, "copies_reference": copy, "other": 1 - cons - copy, "n": n}
 
 
 if __name__ == "__main__":
     for m in sys.argv[1:]:
         r = probe(m)
-        print(f"{r['model']}: consistent {r['consistent']:.1%} | copies reference {r['copies_reference']:.1%} | "
+        print(f"{r['model']}: consistent {r['consistent']:.1%} | reference result {r['copies_reference']:.1%} | "
               f"other {r['other']:.1%} (n={r['n']})", flush=True)

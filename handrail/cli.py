@@ -90,12 +90,21 @@ def cmd_demo(a) -> int:
     from handrail.run import default_base_model
 
     base = default_base_model(rebuild=a.rebuild, quick=a.quick)
-    out = a.out or ("runs/demo-quick" if a.quick else "runs/demo")
+    out = a.out or _free_dir("runs/demo-quick" if a.quick else "runs/demo")
     cfg = CompareConfig(model=str(base), out=out, methods="self-distill,grpo,sft",
                         **(dict(rollouts=64, seeds=1, eval_points=2, train="eval_n=50,max_new_tokens=40")
-                           if a.quick else dict(rollouts=1024, seeds=3, eval_points=8)))
+                           if a.quick else dict(rollouts=2048, seeds=3, eval_points=8)))
     compare(cfg)
     return 0
+
+
+def _free_dir(base: str) -> str:
+    """`base`, or `base-2`, `base-3`, ...: the first that does not exist yet (results are kept)."""
+    n, path = 1, base
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
 
 
 def parser() -> argparse.ArgumentParser:

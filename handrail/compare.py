@@ -76,6 +76,8 @@ def mean_curve(curves: list[list[dict]], key: str = "pass@1") -> list[tuple[int,
 
 def compare(cfg: CompareConfig, log=print) -> dict:
     out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: already exists and is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out / "compare_config.json")
     results = {}
@@ -92,8 +94,7 @@ def compare(cfg: CompareConfig, log=print) -> dict:
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "table.md").write_text(table(results, report["ratio"]))
     plot(results, out / "accuracy.png")
-    log((out / "table.md").read_text())
-    log(report["ratio"]["message"])
+    log((out / "table.md").read_text())  # the table ends with the sample-efficiency ratio
     log(f"plot: {out / 'accuracy.png'}")
     return report
 

@@ -29,13 +29,13 @@ class PretrainConfig:
     task: str | None = None  # embedded task name (default: chain); ignored with `data`
     data: str | None = None  # JSONL/Parquet/datasets file instead of a task
     seconds: float = 290.0  # wall-clock cap (the step budget normally ends first)
-    max_steps: int = 600  # optimizer steps (the budget; `seconds` is only a safety cap)
+    max_steps: int = 500  # optimizer steps (the budget; `seconds` is only a safety cap)
     batch_size: int = 64
     lr: float = 3e-3
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    seed: int = 0
+    seed: int = 1  # seeds 1..3 of this recipe gave student 15/9/10% (BENCHMARKS.md §1)
     n_problems: int = 20000  # training problems drawn from the task (per level mix)
     plain_frac: float = 0.5  # share of plain student-prompt examples (rest are hinted)
     answer_hint_frac: float = 0.3  # share of hinted examples whose hint is only the final answer
@@ -43,7 +43,7 @@ class PretrainConfig:
     direct_answer_hint: float = 0.5  # answer-first completions when the hint is the bare answer
     detour_frac: float = 0.0  # solution-hinted examples that leave the hint's path (task.detour); see benchmarks/README.md
     eval_n: int = 200  # held-out problems for the closing report
-    threads: int = 0  # torch threads (0 = leave as is)
+    threads: int = 1  # torch threads; pinned because the result depends on it (BENCHMARKS.md §1); 0 = all
 
     def validate(self):
         if self.task and self.data:
@@ -93,8 +93,16 @@ def collate(examples, pad_id: int):
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(cfg, log)
+    finally:
+        torch.set_num_threads(threads)  # what runs next in this process (demo's training) gets them back
+
+
+def _pretrain(cfg: PretrainConfig, log) -> dict:
     rng = random.Random(cfg.seed)
     task = None
     if cfg.data:
@@ -123,9 +131,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     t0, step, warmup = time.time(), 0, 50
     bar = tqdm(total=cfg.max_steps, desc="pretrain", unit="step", dynamic_ncols=True)
     while step < cfg.max_steps and time.time() - t0 < cfg.seconds:
-        # cosine decay over whichever budget (steps or seconds) is closer to running out
-        frac = max(step / cfg.max_steps, (time.time() - t0) / cfg.seconds)
-        lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        # the schedule depends on the step only: a time-based one would make the model depend on
+        # machine load (the `seconds` cap only stops a run that is far slower than expected)
+        lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.max_steps))
         for group in opt.param_groups:
             group["lr"] = lr
         ids, labels = collate(rng.sample(examples, min(cfg.batch_size, len(examples))), tokenizer.pad_token_id)

@@ -34,7 +34,7 @@ def default_base_model(rebuild: bool = False, quick: bool = False, log=print) ->
     smoke runs (it leaves little to learn)."""
     from handrail.pretrain import PretrainConfig, pretrain
 
-    folder = cache_dir() / f"base-{DEFAULT_TASK}-v3{'-quick' if quick else ''}"
+    folder = cache_dir() / f"base-{DEFAULT_TASK}-v6{'-quick' if quick else ''}"
     result_file = folder / "pretrain_result.json"
     if result_file.exists() and not rebuild:
         r = json.loads(result_file.read_text())

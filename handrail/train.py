@@ -51,7 +51,7 @@ class TrainConfig:
     lam_max: float = 1.0  # trust-region rule: upper end of the lambda search
     support_top_p: float = 0.9  # support rule: the student's nucleus
     intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
-    gate: str = "none"  # none | divergence: silence the teacher after the student leaves its path
+    gate: str = "divergence"  # none | divergence: silence the teacher after the student leaves its path
     gate_prob: float = 0.05  # divergence gate: a sampled token the teacher gives < this ends its say
     rollouts: int = 1024  # budget: sampled student completions, all processes together
     prompts_per_step: int = 16  # global prompts per step
@@ -59,7 +59,7 @@ class TrainConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
-    lr: float = 2e-4
+    lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     clip_eps: float = 0.2  # grpo: ratio clip
@@ -127,6 +127,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     out = Path(cfg.out)
+    if not resume and (out / "metrics.jsonl").exists():
+        raise ValueError(f"{out}: already holds a run (metrics.jsonl); continue it with --resume {out} "
+                         f"or choose another --out")
+    acc.wait_for_everyone()  # every process has checked before the main one writes
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         C.save(cfg, out / "config.json")

@@ -55,7 +55,7 @@ def test_each_method_runs_and_writes_a_run_folder(tiny_model, tmp_path, kw):
 
 
 def test_distillation_moves_the_student_towards_the_teacher(tiny_model, tmp_path):
-    train(cfg(tiny_model, tmp_path / "r", rule="none", rollouts=240, prompts_per_step=8, lr=3e-3,
+    train(cfg(tiny_model, tmp_path / "r", rule="none", gate="none", rollouts=240, prompts_per_step=8, lr=3e-3,
               eval_every=0, checkpoint_every=0), log=lambda *_: None)
     log = rows(tmp_path / "r")[1:]
     first = sum(r["teacher/raw_kl"] for r in log[:5]) / 5
@@ -94,3 +94,11 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
     ra, rb = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb]
     assert ra[-1]["loss/total"] == pytest.approx(rb[-1]["loss/total"], rel=1e-4)
+
+
+def test_a_fresh_run_never_mixes_with_an_old_one(tiny_model, tmp_path):
+    train(cfg(tiny_model, tmp_path / "r", rollouts=16, eval_every=0), log=lambda *_: None)
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(cfg(tiny_model, tmp_path / "r", rollouts=16), log=lambda *_: None)
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
