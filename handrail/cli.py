@@ -98,6 +98,36 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_decode(a) -> int:
+    from handrail.data import Record, hint_for, student_prompt, teacher_prompt
+    from handrail.models import load_model, stop_ids
+    from handrail.rollout import Guide, sample
+    from handrail.run import eval_records
+    from handrail.targets import make_rule
+
+    model, tok, tpl = load_model(a.model)
+    if a.prompt:
+        if not a.solution:
+            raise ValueError("--prompt needs --solution (the reference the teacher sees)")
+        rec, task = Record(a.prompt, a.solution), None
+    else:
+        task, recs = eval_records(a.task, None, a.level, a.index + 1)
+        rec = recs[a.index]
+    rule = make_rule(a.rule, lam=a.lam, delta=a.delta, top_p=a.top_p)
+    ids = [tok(student_prompt(tok, rec, tpl), add_special_tokens=False)["input_ids"]]
+    t_ids = [tok(teacher_prompt(tok, rec, tpl, hint_for(rec, "solution")), add_special_tokens=False)["input_ids"]]
+    kw = dict(max_new_tokens=a.max_new_tokens, stop_ids=stop_ids(tok), temperature=a.temperature, seed=a.seed)
+    plain = sample(model, tok, ids, **kw).texts[0]
+    guided = sample(model, tok, ids, guide=Guide(model, t_ids, rule), **kw).texts[0]
+    print(f"problem:   {rec.text}")
+    for name, text in (("student", plain), (f"guided ({a.rule})", guided)):
+        verdict = ""
+        if task is not None:
+            verdict = "  [correct]" if task.verify(text, rec.answer) else "  [wrong]"
+        print(f"--- {name}{verdict}\n{text}")
+    return 0
+
+
 def _free_dir(base: str) -> str:
     """`base`, or `base-2`, `base-3`, ...: the first that does not exist yet (results are kept)."""
     n, path = 1, base
@@ -150,6 +180,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int)
     p.add_argument("--out", help="results folder")
     p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("decode", help="guided decoding: each token from the aggregate of student and teacher")
+    p.add_argument("--model", required=True, help="HF folder or hub id, a .gguf file, or 'smollm2'")
+    p.add_argument("--prompt", help="the problem (default: a held-out problem of --task)")
+    p.add_argument("--solution", help="the reference the teacher sees (with --prompt)")
+    p.add_argument("--task", help="embedded task for the default problem (default: chain)")
+    p.add_argument("--level", type=int, help="task difficulty (default: the post-training level)")
+    p.add_argument("--index", type=int, default=0, help="which held-out problem")
+    p.add_argument("--rule", default="trust-region", choices=["trust-region", "geometric", "support", "none"])
+    p.add_argument("--delta", type=float, default=0.1)
+    p.add_argument("--lam", type=float, default=0.5)
+    p.add_argument("--top-p", type=float, default=0.9, help="support rule: the student's nucleus")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy on the aggregate")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_decode)
 
     p = sub.add_parser("demo", help="the main job: default base model, then self-distill vs GRPO vs SFT")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached base model")

@@ -27,7 +27,7 @@ class CompareConfig:
     task: str | None = None
     data: str | None = None
     eval_data: str | None = None
-    methods: str = "self-distill,grpo,sft"  # comma-separated; `self-distill:none` picks a rule
+    methods: str = "self-distill,grpo,sft"  # comma-separated method[:rule[:rollout]], e.g. self-distill::guided
     rollouts: int = 1024  # samples per run (rollouts, or reference examples for sft)
     seeds: int = 3
     samples_per_step: int = 16  # global samples per step, for every method
@@ -43,7 +43,7 @@ class CompareConfig:
 
 
 def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path) -> TrainConfig:
-    method, _, rule = spec.partition(":")
+    method, rule, rollout = (spec.split(":") + ["", ""])[:3]  # e.g. self-distill:none:guided
     steps = cfg.rollouts // cfg.samples_per_step
     kw = dict(model=cfg.model, out=str(out), task=cfg.task, data=cfg.data, eval_data=cfg.eval_data,
               method=method, seed=seed, rollouts=cfg.rollouts, checkpoint_every=0,
@@ -52,6 +52,8 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path) -> TrainC
         kw.update(prompts_per_step=cfg.samples_per_step // cfg.group_size, samples_per_prompt=cfg.group_size)
     if rule:
         kw["rule"] = rule
+    if rollout:
+        kw["rollout"] = rollout
     extra = dict(item.split("=", 1) for item in cfg.train.split(",") if item.strip())
     return C.build(TrainConfig, overrides={**kw, **extra})
 

@@ -17,7 +17,7 @@ from handrail.data import hint_for, reference_answer, teacher_prompt
 from handrail.evaluate import is_correct, prompt_ids
 from handrail.models import HiddenStates
 from handrail.objectives import chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, token_logp
-from handrail.rollout import Rollout, left_pad, positions
+from handrail.rollout import Guide, Rollout, left_pad, positions
 from handrail.targets import make_rule
 
 
@@ -56,6 +56,10 @@ class Method:
     def student_hidden(self, policy, records, rollout):
         return completion_hidden(policy, rollout.prompt_ids, rollout, self.tokenizer.pad_token_id)
 
+    def guide(self, records, lm_now):
+        """A rollout.Guide for guided rollouts, or None to sample the student alone."""
+        return None
+
     def after_step(self, lm) -> None:
         pass
 
@@ -88,11 +92,20 @@ class SelfDistill(Method):
                               top_p=cfg.support_top_p)
         self.teacher = None if cfg.teacher == "live" else _frozen_copy(initial_lm)
 
+    def teacher_prompts(self, records) -> list[list[int]]:
+        return [self.tokenizer(teacher_prompt(self.tokenizer, r, self.templates, hint_for(r, self.cfg.hint)),
+                               add_special_tokens=False)["input_ids"] for r in records]
+
+    def guide(self, records, lm_now):
+        if self.cfg.rollout != "guided":
+            return None
+        teacher = self.teacher if self.teacher is not None else lm_now
+        return Guide(teacher, self.teacher_prompts(records), self.rule)
+
     @torch.no_grad()
     def score(self, records, rollout, lm_now, acc):
         teacher = self.teacher if self.teacher is not None else lm_now
-        prompts = [self.tokenizer(teacher_prompt(self.tokenizer, r, self.templates, hint_for(r, self.cfg.hint)),
-                                  add_special_tokens=False)["input_ids"] for r in records]
+        prompts = self.teacher_prompts(records)
         was = teacher.training
         teacher.eval()
         hidden_T = completion_hidden(HiddenStates(teacher), prompts, rollout, self.tokenizer.pad_token_id)

@@ -28,7 +28,7 @@ class PretrainConfig:
     out: str = "runs/base"  # output folder (an HF model folder)
     task: str | None = None  # embedded task name (default: chain); ignored with `data`
     data: str | None = None  # JSONL/Parquet/datasets file instead of a task
-    seconds: float = 290.0  # wall-clock cap (the step budget normally ends first)
+    seconds: float = 900.0  # wall-clock safety cap only; the step budget ends a normal run (~270 s here)
     max_steps: int = 500  # optimizer steps (the budget; `seconds` is only a safety cap)
     batch_size: int = 64
     lr: float = 3e-3

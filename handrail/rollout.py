@@ -75,37 +75,71 @@ def choose(logits_B_V: torch.Tensor, temperature: float, top_p: float, noise_B_V
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+@dataclass
+class Guide:
+    """Guided decoding (DESIGN §1.6): a second model pass on the teacher's prompt, whose
+    distribution is aggregated with the student's by `rule` at every step before sampling."""
+
+    model: object  # the teacher (often the same weights as the student)
+    prompt_ids: list[list[int]]  # teacher prompts, one per row
+    rule: object  # (logp_S, logp_T) -> log q, from targets.make_rule
+
+
+class _Stream:
+    """One model with its own KV cache, advanced one token per step."""
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int, device):
+        self.model = model
+        ids, self.attn = left_pad(prompts, pad_id, device)
+        out = model(input_ids=ids, attention_mask=self.attn, position_ids=positions(self.attn),
+                    use_cache=True, logits_to_keep=1)
+        self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
+
+    def step(self, tok: torch.Tensor) -> None:
+        self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
+        out = self.model(input_ids=tok[:, None], attention_mask=self.attn,
+                         position_ids=positions(self.attn)[:, -1:], past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
            stop_ids: list[int], temperature: float = 1.0, top_p: float = 1.0,
-           seed: int | None = None, row_offset: int = 0, global_rows: int | None = None) -> Rollout:
+           seed: int | None = None, row_offset: int = 0, global_rows: int | None = None,
+           guide: Guide | None = None) -> Rollout:
     """Sample one completion per prompt. With `seed`, row i of this call uses global row
-    `row_offset + i` of a (global_rows, V) noise table per step."""
+    `row_offset + i` of a (global_rows, V) noise table per step. With `guide`, each token is
+    drawn from the aggregate of the student's and the teacher's distributions (two KV caches),
+    and `logprobs` are under that aggregate, the distribution actually sampled from."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    ids, attn = left_pad(prompt_ids, pad_id, device)
-    B = ids.shape[0]
+    streams = [_Stream(model, prompt_ids, pad_id, device)]
+    if guide is not None:
+        streams.append(_Stream(guide.model, guide.prompt_ids, pad_id, device))
+    B = len(prompt_ids)
     global_rows = global_rows or B
     stops = torch.tensor(stop_ids, device=device)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn),
-                use_cache=True, logits_to_keep=1)
     tokens, logps, live = [], [], torch.ones(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1]
+        logits, temp = streams[0].logits, temperature
+        if guide is not None:  # the rule works on log-probs at the sampling temperature
+            t = temperature if temperature > 0 else 1.0
+            logits = guide.rule(F.log_softmax(logits / t, -1), F.log_softmax(streams[1].logits / t, -1))
+            temp = 1.0 if temperature > 0 else 0.0
         noise = None
         if seed is not None and temperature > 0:
             noise = gumbel_noise((global_rows, logits.shape[-1]), seed, step,
                                  slice(row_offset, row_offset + B), device)
-        tok, lp = choose(logits, temperature, top_p, noise)
+        tok, lp = choose(logits, temp, top_p, noise)
         tok = torch.where(live, tok, torch.full_like(tok, pad_id))
         tokens.append(tok)
         logps.append(torch.where(live, lp, torch.zeros_like(lp)))
         live = live & ~torch.isin(tok, stops)
         if not live.any():
             break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=positions(attn)[:, -1:],
-                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        for stream in streams:
+            stream.step(tok)
     completion = torch.stack(tokens, dim=1)
     logprobs = torch.stack(logps, dim=1)
     # a token is part of the completion up to and including the first stop token

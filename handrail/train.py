@@ -52,6 +52,7 @@ class TrainConfig:
     support_top_p: float = 0.9  # support rule: the student's nucleus
     intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
     gate: str = "divergence"  # none | divergence: silence the teacher after the student leaves its path
+    rollout: str = "student"  # student: g ~ pi(.|P_S) | guided: each token from A(p_S, p_T) (self-distill)
     gate_prob: float = 0.05  # divergence gate: a sampled token the teacher gives < this ends its say
     rollouts: int = 1024  # budget: sampled student completions, all processes together
     prompts_per_step: int = 16  # global prompts per step
@@ -90,6 +91,10 @@ class TrainConfig:
             raise ValueError(f"config key 'teacher': unknown {self.teacher!r}; choose frozen, live or ema")
         if self.gate not in ("none", "divergence"):
             raise ValueError(f"config key 'gate': unknown {self.gate!r}; choose none or divergence")
+        if self.rollout not in ("student", "guided"):
+            raise ValueError(f"config key 'rollout': unknown {self.rollout!r}; choose student or guided")
+        if self.rollout == "guided" and self.method != "self-distill":
+            raise ValueError("config key 'rollout': guided rollouts need method self-distill (they need a teacher)")
         if self.hint not in ("solution", "answer"):
             raise ValueError(f"config key 'hint': unknown {self.hint!r}; choose solution or answer")
 
@@ -186,7 +191,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                              max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
                              temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=cfg.seed * 100_003 + state.step, row_offset=rows.start,
-                             global_rows=len(batch))
+                             global_rows=len(batch), guide=method.guide(local, lm_now))
         else:
             rollout = method.reference_rollout(local, acc.device)
         lm_now.train()

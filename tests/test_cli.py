@@ -50,3 +50,11 @@ def test_bad_config_key_and_missing_model_exit_2(tmp_path, tiny_model):
     assert p.returncode == 2 and "unknown config key 'nonsense'" in p.stderr
     p = handrail("eval", "--model", str(tmp_path / "nowhere.gguf"), check=False)
     assert p.returncode == 2 and "nowhere.gguf" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_decode_prints_student_and_guided(tiny_model):
+    p = handrail("decode", "--model", tiny_model, "--rule", "none", "--level", "2", "--max-new-tokens", "40")
+    assert "problem:" in p.stdout and "--- student" in p.stdout and "--- guided (none)" in p.stdout
+    p = handrail("decode", "--model", tiny_model, "--prompt", "12+3", "--solution", "12+3=15\n#### 15")
+    assert "--- guided (trust-region)" in p.stdout
+    assert handrail("decode", "--model", tiny_model, "--prompt", "x", check=False).returncode == 2

@@ -17,11 +17,11 @@ def run(*args, env=None):
 
 def test_compare_writes_results_plot_and_table(tiny_model, tmp_path):
     out = tmp_path / "cmp"
-    p = run("compare", "--model", tiny_model, "--methods", "self-distill,grpo,sft,self-distill:none",
+    p = run("compare", "--model", tiny_model, "--methods", "self-distill,grpo,sft,self-distill:none:guided",
             "--rollouts", "32", "--seeds", "2", "--out", str(out), "samples_per_step=8", "eval_points=2",
             "train=eval_n=8,max_new_tokens=24,level=2,train_n=64")
     res = json.loads((out / "results.json").read_text())
-    assert set(res["methods"]) == {"self-distill", "grpo", "sft", "self-distill:none"}
+    assert set(res["methods"]) == {"self-distill", "grpo", "sft", "self-distill:none:guided"}
     for r in res["methods"].values():
         assert len(r["runs"]) == 2
         assert [pt["samples"] for pt in r["runs"][0]["curve"]] == [0, 16, 32]  # same points for all

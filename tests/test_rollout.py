@@ -59,3 +59,41 @@ def test_evaluate_reports_all_fields(tiny_model):
     res = evaluate(model, tok, tpl, recs, task=task, samples=2, max_new_tokens=32)
     assert {"accuracy", "accuracy_sampled", "leak_rate", "n", "tokens", "seconds"} <= set(res)
     assert res["n"] == 8 and 0 <= res["accuracy"] <= 1 and res["tokens"] > 0
+
+
+def _teacher_prompts(tok, tpl, n=6):
+    from handrail.data import teacher_prompt
+
+    _, recs = eval_records("chain", None, level=2, n=n)
+    return [tok(teacher_prompt(tok, r, tpl), add_special_tokens=False)["input_ids"] for r in recs]
+
+
+def test_guided_by_itself_is_plain_sampling(tiny_model):
+    """With the teacher's distribution equal to the student's, every rule returns p_S."""
+    from handrail.rollout import Guide
+    from handrail.targets import make_rule
+
+    model, tok, tpl = load_model(tiny_model)
+    ids = _prompts(tok, tpl)
+    kw = dict(max_new_tokens=30, stop_ids=stop_ids(tok), temperature=1.0, seed=5)
+    plain = sample(model, tok, ids, **kw)
+    for rule in ("trust-region", "support", "none"):
+        guided = sample(model, tok, ids, guide=Guide(model, ids, make_rule(rule)), **kw)
+        assert guided.texts == plain.texts
+
+
+def test_guided_with_rule_none_follows_the_teacher_exactly(tiny_model):
+    """q = p_T: greedy guided decoding from the student prompt writes what the teacher writes
+    greedily from its own prompt, which exercises the second KV cache end to end."""
+    from handrail.rollout import Guide
+    from handrail.targets import make_rule
+
+    model, tok, tpl = load_model(tiny_model)
+    ids, t_ids = _prompts(tok, tpl), _teacher_prompts(tok, tpl)
+    ids[1] = _teacher_prompts(tok, tpl)[1]  # different lengths in the two caches
+    kw = dict(max_new_tokens=30, stop_ids=stop_ids(tok), temperature=0)
+    guided = sample(model, tok, ids, guide=Guide(model, t_ids, make_rule("none")), **kw)
+    assert guided.texts == sample(model, tok, t_ids, **kw).texts
+    tr = sample(model, tok, ids, guide=Guide(model, t_ids, make_rule("trust-region")),
+                **{**kw, "temperature": 1.0, "seed": 1})
+    assert torch.isfinite(tr.logprobs).all() and tr.n_tokens > 0

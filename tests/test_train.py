@@ -32,6 +32,7 @@ def rows(out):
     dict(method="self-distill", rule="support", teacher="ema"),
     dict(method="self-distill", rule="geometric", teacher="live", hint="answer"),
     dict(method="self-distill", rule="none", gate="divergence", gate_prob=0.5),
+    dict(method="self-distill", rule="trust-region", rollout="guided"),
     dict(method="grpo", samples_per_prompt=4, prompts_per_step=4, kl_coef=0.05, rollouts=64),
     dict(method="sft"),
 ])
