@@ -73,7 +73,6 @@ def cmd_train(a) -> int:
 def cmd_compare(a) -> int:
     from handrail.compare import CompareConfig, compare
     from handrail.run import default_base_model
-
     from handrail.tasks import DEFAULT_TASK
 
     if not a.model and (a.data or a.task not in (None, DEFAULT_TASK)):
@@ -99,7 +98,8 @@ def cmd_demo(a) -> int:
 
 
 def cmd_decode(a) -> int:
-    from handrail.data import Record, hint_for, student_prompt, teacher_prompt
+    from handrail.data import Record
+    from handrail.evaluate import prompt_ids
     from handrail.models import load_model, stop_ids
     from handrail.rollout import Guide, sample
     from handrail.run import eval_records
@@ -114,8 +114,7 @@ def cmd_decode(a) -> int:
         task, recs = eval_records(a.task, None, a.level, a.index + 1)
         rec = recs[a.index]
     rule = make_rule(a.rule, lam=a.lam, delta=a.delta, top_p=a.top_p)
-    ids = [tok(student_prompt(tok, rec, tpl), add_special_tokens=False)["input_ids"]]
-    t_ids = [tok(teacher_prompt(tok, rec, tpl, hint_for(rec, "solution")), add_special_tokens=False)["input_ids"]]
+    ids, t_ids = prompt_ids(tok, [rec], tpl), prompt_ids(tok, [rec], tpl, hint="solution")
     kw = dict(max_new_tokens=a.max_new_tokens, stop_ids=stop_ids(tok), temperature=a.temperature, seed=a.seed)
     plain = sample(model, tok, ids, **kw).texts[0]
     guided = sample(model, tok, ids, guide=Guide(model, t_ids, rule), **kw).texts[0]

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from handrail.data import hint_for, reference_answer, teacher_prompt
+from handrail.data import reference_answer
 from handrail.evaluate import is_correct, prompt_ids
 from handrail.models import HiddenStates
 from handrail.objectives import chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, token_logp
@@ -93,8 +93,7 @@ class SelfDistill(Method):
         self.teacher = None if cfg.teacher == "live" else _frozen_copy(initial_lm)
 
     def teacher_prompts(self, records) -> list[list[int]]:
-        return [self.tokenizer(teacher_prompt(self.tokenizer, r, self.templates, hint_for(r, self.cfg.hint)),
-                               add_special_tokens=False)["input_ids"] for r in records]
+        return prompt_ids(self.tokenizer, records, self.templates, hint=self.cfg.hint)
 
     def guide(self, records, lm_now):
         if self.cfg.rollout != "guided":
