@@ -54,6 +54,18 @@ def answers_match(predicted: str | None, reference: str) -> bool:
         return False
 
 
+def _apply(acc: int, op: str, v: int) -> int:
+    return acc + v if op == "+" else acc - v
+
+
+def _parse_steps(solution: str) -> tuple[int, list[tuple[str, int]]] | None:
+    """(start, [(op, operand), ...]) of a worked solution's step lines, or None if one is not a step."""
+    steps = [_STEP_RE.match(line) for line in solution.splitlines()[:-1]]
+    if not steps or not all(steps):
+        return None
+    return int(steps[0].group(1)), [(m.group(2), int(m.group(3))) for m in steps]
+
+
 def answer_only_hint(answer: str) -> str:
     return f"{ANSWER_MARK} {answer}"
 
@@ -111,15 +123,14 @@ class StepArithmeticTask:
         continuation). Pretraining on the continuation only teaches the teacher what a capable
         teacher does: use the hint while the student is on it, and otherwise work from what the
         student actually wrote instead of copying the reference's numbers."""
-        steps = [_STEP_RE.match(line) for line in solution.splitlines()[:-1]]
-        if not steps or not all(steps):
+        parsed = _parse_steps(solution)
+        if parsed is None:
             return None
-        k = rng.randrange(len(steps))
-        ops = [(m.group(2), int(m.group(3))) for m in steps]
-        acc = int(steps[0].group(1))
+        acc, ops = parsed
+        k = rng.randrange(len(ops))
         lines = []
         for i, (op, v) in enumerate(ops):
-            new = acc + v if op == "+" else acc - v
+            new = _apply(acc, op, v)
             if i == k:
                 new = max(0, new + rng.choice([-3, -2, -1, 1, 2, 3]))
             lines.append(f"{acc}{op}{v}={new}")
@@ -131,7 +142,7 @@ class StepArithmeticTask:
     def _worked(start: int, ops: list[tuple[str, int]]) -> tuple[str, int]:
         lines, acc = [], start
         for op, v in ops:
-            new = acc + v if op == "+" else acc - v
+            new = _apply(acc, op, v)
             lines.append(f"{acc}{op}{v}={new}")
             acc = new
         lines.append(f"{ANSWER_MARK} {acc}")
@@ -150,9 +161,9 @@ class ChainTask(StepArithmeticTask):
         for _ in range(level):
             v = rng.randint(1, self.max_operand)
             op = rng.choice("+-")
-            if not 0 <= (acc + v if op == "+" else acc - v) <= 99:
+            if not 0 <= _apply(acc, op, v) <= 99:
                 op = "-" if op == "+" else "+"
-            acc = acc + v if op == "+" else acc - v
+            acc = _apply(acc, op, v)
             ops.append((op, v))
         prompt = f"{start}" + "".join(f"{op}{v}" for op, v in ops)
         solution, ans = self._worked(start, ops)
@@ -173,8 +184,10 @@ class SumTask(StepArithmeticTask):
 
     def detour(self, solution: str, rng: random.Random):
         """Half the time a different, valid order than the hint's; otherwise a slip (as above)."""
-        nums = [int(line.split("+")[1].split("=")[0]) for line in solution.splitlines()[:-1]]
-        nums.insert(0, int(solution.split("+")[0]))
+        parsed = _parse_steps(solution)
+        if parsed is None:
+            return None
+        nums = [parsed[0]] + [v for _, v in parsed[1]]
         if rng.random() < 0.5:
             rng.shuffle(nums)
             return "", self._worked(nums[0], [("+", v) for v in nums[1:]])[0]
