@@ -188,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, help="task difficulty (default: the post-training level)")
     p.add_argument("--index", type=int, default=0, help="which held-out problem")
     p.add_argument("--rule", default="trust-region", choices=["trust-region", "geometric", "support", "none"])
-    p.add_argument("--delta", type=float, default=0.1)
+    p.add_argument("--delta", type=float, default=1.0)
     p.add_argument("--lam", type=float, default=0.5)
     p.add_argument("--top-p", type=float, default=0.9, help="support rule: the student's nucleus")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy on the aggregate")

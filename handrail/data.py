@@ -5,6 +5,11 @@ prompts.
 A record is `prompt` (a string, or chat `messages`), `solution` (the reference the teacher
 sees; alias `privileged_context`) and optional `answer` (what a verifier checks). Every bad
 record is reported as `file:line: field 'x': problem`; nothing is dropped silently.
+
+A *logged conversation* is `messages` in which one assistant turn has `"accepted": true`: the
+output the user finally kept. It becomes one record per assistant turn up to the accepted one,
+each with the conversation before that turn as the prompt, the turn itself as `completion` (text
+the student already wrote) and the accepted turn as `solution`. See examples/conversations.jsonl.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Record:
     answer: str | None = None
     source: str = ""  # "file:line", for messages about this record
     level: int = 0  # difficulty, for embedded tasks (leak rate needs it)
+    completion: str | None = None  # logged conversations: an assistant turn already sampled
 
     @property
     def text(self) -> str:
@@ -78,7 +84,7 @@ def load_records(path: str | Path) -> list[Record]:
     records, errors = [], []
     for line, row in rows:
         try:
-            records.append(parse_record(row, f"{path}:{line}"))
+            records.extend(parse_row(row, f"{path}:{line}"))
         except DataError as e:
             errors.append(str(e))
     if errors:
@@ -105,11 +111,47 @@ class _Bad:
     message: str
 
 
-def parse_record(row, where: str) -> Record:
+def parse_row(row, where: str) -> list[Record]:
+    """One input row: a single record, or the records of a logged conversation."""
     if isinstance(row, _Bad):
         raise DataError(row.message)
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    messages = row.get("messages")
+    if isinstance(messages, list) and any(isinstance(m, dict) and "accepted" in m for m in messages):
+        return parse_conversation(row, where)
+    return [parse_record(row, where)]
+
+
+def parse_conversation(row: dict, where: str) -> list[Record]:
+    messages = row["messages"]
+    _check_roles(messages, where, "messages")
+    accepted = [i for i, m in enumerate(messages) if m.get("accepted")]
+    for i, m in enumerate(messages):
+        if "accepted" in m and not isinstance(m["accepted"], bool):
+            raise DataError(f"{where}: field 'messages[{i}].accepted': expected true or false")
+        if m.get("accepted") and m["role"] != "assistant":
+            raise DataError(f"{where}: field 'messages[{i}].accepted': only an assistant turn can be accepted")
+    if len(accepted) != 1:
+        raise DataError(f"{where}: field 'messages': expected exactly one turn with \"accepted\": true, "
+                        f"found {len(accepted)}")
+    answer = row.get("answer")
+    if answer is not None and not isinstance(answer, (str, int, float)):
+        raise DataError(f"{where}: field 'answer': expected a string or number, got {type(answer).__name__}")
+    final = messages[accepted[0]]["content"]
+    records = []
+    for i, m in enumerate(messages[:accepted[0] + 1]):
+        if m["role"] != "assistant":
+            continue
+        if i == 0 or messages[i - 1]["role"] != "user":
+            raise DataError(f"{where}: field 'messages[{i}]': an assistant turn must follow a user turn")
+        prompt = [{"role": t["role"], "content": t["content"]} for t in messages[:i]]
+        records.append(Record(prompt, final, None if answer is None else str(answer),
+                              f"{where} (turn {i})", completion=m["content"]))
+    return records
+
+
+def parse_record(row: dict, where: str) -> Record:
     prompt = row.get("prompt", row.get("messages"))
     key = "prompt" if "prompt" in row else "messages"
     if prompt is None:
@@ -130,12 +172,19 @@ def parse_record(row, where: str) -> Record:
     return Record(prompt, solution or None, None if answer is None else str(answer), where)
 
 
-def _check_messages(messages: list, where: str, key: str) -> None:
+def _check_roles(messages: list, where: str, key: str) -> None:
+    if not messages:
+        raise DataError(f"{where}: field '{key}': empty")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: field '{key}[{i}]': expected {{'role': one of {ROLES}, 'content': str}}")
-    if not messages or messages[-1]["role"] != "user":
-        raise DataError(f"{where}: field '{key}': the last message must be a user turn")
+
+
+def _check_messages(messages: list, where: str, key: str) -> None:
+    _check_roles(messages, where, key)
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{where}: field '{key}': the last message must be a user turn "
+                        f"(or mark the accepted assistant turn of a logged conversation)")
 
 
 def reference_answer(rec: Record) -> str | None:

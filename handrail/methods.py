@@ -17,7 +17,7 @@ from handrail.data import reference_answer
 from handrail.evaluate import is_correct, prompt_ids
 from handrail.models import HiddenStates
 from handrail.objectives import chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, token_logp
-from handrail.rollout import Guide, Rollout, left_pad, positions
+from handrail.rollout import Guide, Rollout, given_rollout, left_pad, positions
 from handrail.targets import make_rule
 
 
@@ -40,11 +40,12 @@ def _frozen_copy(lm):
     return teacher
 
 
-def until_divergence(logp_T_tokens: torch.Tensor, mask: torch.Tensor, prob: float) -> torch.Tensor:
+def until_divergence(logp_T_tokens: torch.Tensor, mask: torch.Tensor, prob: float, only_at: bool = False):
     """`mask` (B, T) kept up to and including each row's first token whose teacher log-prob is
-    below log(prob); zero after it."""
+    below log(prob), zero after it; with `only_at`, kept at that first token alone."""
     off = ((logp_T_tokens < math.log(prob)) & (mask > 0)).long()
-    return mask * ((off.cumsum(1) - off) == 0).float()
+    before_or_at = (off.cumsum(1) - off) == 0
+    return mask * (before_or_at & (off > 0) if only_at else before_or_at).float()
 
 
 class Method:
@@ -52,6 +53,12 @@ class Method:
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         self.cfg, self.tokenizer, self.templates, self.task = cfg, tokenizer, templates, task
+
+    def given_rollout(self, records, device) -> Rollout:
+        """Text already written, for training without sampling: by default the logged assistant
+        turns of conversation records (rollout=logged)."""
+        return given_rollout(self.tokenizer, prompt_ids(self.tokenizer, records, self.templates),
+                             [r.completion for r in records], device)
 
     def student_hidden(self, policy, records, rollout):
         return completion_hidden(policy, rollout.prompt_ids, rollout, self.tokenizer.pad_token_id)
@@ -84,13 +91,19 @@ class SelfDistill(Method):
     probability < `gate_prob`, and silences it after: once the student has left the path the
     teacher would take, the teacher is reading text unlike anything it would write, and what it
     then predicts is mostly the reference's continuation, not the student's (measured in
-    benchmarks/teacher_probe.py). At the divergence point itself it intervenes fully."""
+    benchmarks/teacher_probe.py). At the divergence point itself it intervenes fully
+    (`gate=point`: only there). With `after_gate=anchor` the silenced positions get the initial
+    model on [P_S, g] as their reference instead of no loss, so they cannot drift; measured, it
+    also holds the student back (BENCHMARKS.md §2c)."""
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
         self.rule = make_rule(cfg.rule, lam=cfg.lam, delta=cfg.delta, lam_max=cfg.lam_max,
                               top_p=cfg.support_top_p)
         self.teacher = None if cfg.teacher == "live" else _frozen_copy(initial_lm)
+        self.anchor = None  # the initial model, where the gate silences the teacher (after_gate=anchor)
+        if cfg.gate != "none" and cfg.after_gate == "anchor":
+            self.anchor = self.teacher if cfg.teacher == "frozen" else _frozen_copy(initial_lm)
 
     def teacher_prompts(self, records) -> list[list[int]]:
         return prompt_ids(self.tokenizer, records, self.templates, hint=self.cfg.hint)
@@ -111,11 +124,24 @@ class SelfDistill(Method):
         teacher.train(was)
         head_T = teacher.get_output_embeddings()
         mask = rollout.completion_mask
-        if self.cfg.gate == "divergence":
+        if self.cfg.gate in ("divergence", "point"):
             lp_T = _token_logps(hidden_T, head_T, rollout.completion_ids, 1.0, self.cfg.chunk_size)
-            mask = until_divergence(lp_T, mask, self.cfg.gate_prob)
-        return {"hidden_T": hidden_T, "head_T": head_T, "mask": mask,
-                "gated": (rollout.completion_mask - mask).sum()}
+            mask = until_divergence(lp_T, mask, self.cfg.gate_prob, only_at=self.cfg.gate == "point")
+        gated = (rollout.completion_mask - mask).sum()
+        if self.anchor is not None:
+            # where the teacher is silenced, the initial model on the student's own prompt becomes
+            # the reference instead (what the student did before training), so the positions the
+            # teacher never reaches do not drift
+            hidden_0 = completion_hidden(HiddenStates(self.anchor), rollout.prompt_ids, rollout,
+                                         self.tokenizer.pad_token_id)
+            keep = mask[..., None] > 0
+            if self.anchor is teacher:  # same weights, same head: pick hidden states
+                hidden_T = torch.where(keep, hidden_T, hidden_0)
+            else:
+                hidden_T = torch.cat([hidden_T, hidden_0, keep.to(hidden_T.dtype)], dim=-1)
+                head_T = _PickHead(head_T, self.anchor.get_output_embeddings())
+            mask = rollout.completion_mask
+        return {"hidden_T": hidden_T, "head_T": head_T, "mask": mask, "gated": gated}
 
     def loss(self, head, hidden, rollout, signal):
         loss, kl_sum, intervened, raw = chunked_sum(
@@ -136,6 +162,19 @@ class SelfDistill(Method):
     def load_state_dict(self, state):
         if "ema" in state:
             self.teacher.load_state_dict(state["ema"])
+
+
+class _PickHead(torch.nn.Module):
+    """Logits from `a` on the first half of the features where the last feature is 1, else from
+    `b` on the second half: two models' heads behind one, for the chunked loss."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        h = (x.shape[-1] - 1) // 2
+        return torch.where(x[..., -1:] > 0, self.a(x[..., :h]), self.b(x[..., h:2 * h]))
 
 
 class GRPO(Method):
@@ -199,19 +238,9 @@ class SFT(Method):
 
     needs_rollouts = False
 
-    def reference_rollout(self, records, device) -> Rollout:
-        eos = self.tokenizer.eos_token_id
-        comps = []
-        for r in records:
-            text = r.solution or f"#### {reference_answer(r)}"
-            comps.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
-        T = max(len(c) for c in comps)
-        ids = torch.full((len(comps), T), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(comps), T))
-        for i, c in enumerate(comps):
-            ids[i, :len(c)], mask[i, :len(c)] = torch.tensor(c), 1.0
-        return Rollout(prompt_ids(self.tokenizer, records, self.templates), ids.to(device), mask.to(device),
-                       torch.zeros_like(mask), [r.solution or "" for r in records])
+    def given_rollout(self, records, device) -> Rollout:
+        texts = [r.solution or f"#### {reference_answer(r)}" for r in records]
+        return given_rollout(self.tokenizer, prompt_ids(self.tokenizer, records, self.templates), texts, device)
 
     def score(self, records, rollout, lm_now, acc):
         return {}

@@ -44,10 +44,22 @@ class PretrainConfig:
     detour_frac: float = 0.0  # solution-hinted examples that leave the hint's path (task.detour); see benchmarks/README.md
     eval_n: int = 200  # held-out problems for the closing report
     threads: int = 1  # torch threads; pinned because the result depends on it (BENCHMARKS.md §1); 0 = all
+    levels: str = ""  # task levels to train on, e.g. "1,2,3,4,5,6" (default: the task's pretrain levels)
+    hinted_only_levels: str = ""  # levels shown only with a hint: the student never practises them alone
 
     def validate(self):
         if self.task and self.data:
             raise ValueError("give --task or --data, not both")
+        for key in ("levels", "hinted_only_levels"):
+            try:
+                _levels(getattr(self, key))
+            except ValueError:
+                raise ValueError(f"config key {key!r}: expected comma-separated integers, got "
+                                 f"{getattr(self, key)!r}") from None
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in str(text).split(",") if x.strip())
 
 
 def _direct(rec: Record) -> str:
@@ -61,11 +73,13 @@ def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: r
     purpose: a model that has been told the answer is much more tempted to just state it, which is
     the 'impossible knowledge' a privileged teacher can leak (see benchmarks/impossible_knowledge)."""
     out = []
+    hinted_only = set(_levels(cfg.hinted_only_levels))
     for rec in records:
         u = rng.random()
-        if u < cfg.plain_frac:
+        plain_frac = 0.0 if rec.level in hinted_only else cfg.plain_frac
+        if u < plain_frac:
             prompt, direct = student_prompt(tokenizer, rec, TINY_TEMPLATES), cfg.direct_plain
-        elif u < cfg.plain_frac + (1 - cfg.plain_frac) * cfg.answer_hint_frac:
+        elif u < plain_frac + (1 - plain_frac) * cfg.answer_hint_frac:
             prompt = teacher_prompt(tokenizer, rec, TINY_TEMPLATES, hint_for(rec, "answer"))
             direct = cfg.direct_answer_hint
         else:
@@ -112,8 +126,9 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
         eval_records, records = records[:n_eval], records[n_eval:]
     else:
         task = get_task(cfg.task or DEFAULT_TASK)
-        per_level = cfg.n_problems // len(task.pretrain_levels)
-        records = [r for lv in task.pretrain_levels
+        levels = _levels(cfg.levels) or task.pretrain_levels
+        per_level = cfg.n_problems // len(levels)
+        records = [r for lv in levels
                    for r in records_from_task(task.split("train", per_level, lv, seed=cfg.seed))]
         eval_records = records_from_task(task.split("test", cfg.eval_n))
     texts = [student_prompt(None, r, TINY_TEMPLATES) + teacher_prompt(None, r, TINY_TEMPLATES, hint_for(r, "solution"))

@@ -148,3 +148,18 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int
     texts = [tokenizer.decode([t for t, m in zip(row, mrow) if m], skip_special_tokens=True)
              for row, mrow in zip(completion.tolist(), mask.tolist())]
     return Rollout([list(p) for p in prompt_ids], completion, mask, logprobs * mask, texts)
+
+
+def given_rollout(tokenizer, prompt_ids: list[list[int]], texts: list[str], device=None) -> Rollout:
+    """A Rollout of text that was written elsewhere (reference solutions for SFT, the assistant
+    turns of logged conversations), ending with EOS like a sampled one. Its `logprobs` are
+    zeros: no sampling distribution produced it."""
+    eos = tokenizer.eos_token_id
+    comps = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    T = max(len(c) for c in comps)
+    ids = torch.full((len(comps), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(comps), T))
+    for i, c in enumerate(comps):
+        ids[i, :len(c)], mask[i, :len(c)] = torch.tensor(c), 1.0
+    return Rollout([list(p) for p in prompt_ids], ids.to(device), mask.to(device),
+                   torch.zeros_like(mask, device=device), list(texts))

@@ -1,8 +1,10 @@
 """`handrail train`: the one training loop, for every method.
 
+    once, for answer-only records: bootstrap worked solutions (bootstrap.py; counts in the budget)
     for each step:
         sample prompts            (the same global draw on every process; each takes its slice)
-        roll out                  (student completions g ~ pi(.|P_S), KV-cached, no grad)
+        roll out                  (student completions g ~ pi(.|P_S), KV-cached, no grad; or
+                                   guided by the teacher; or the turns of logged conversations)
         score                     (teacher hidden states on [P_T, g] / rewards; no grad)
         loss                      (a per-token signal on completion tokens, chunked over T)
         step                      (backward, clip, optimizer, EMA teacher)
@@ -20,13 +22,17 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from handrail import config as C
+from handrail.bootstrap import FILE as BOOTSTRAP_FILE
+from handrail.bootstrap import bootstrap, needs_bootstrap
+from handrail.bootstrap import load as load_bootstrap
+from handrail.bootstrap import save as save_bootstrap
 from handrail.data import load_records, records_from_task
 from handrail.evaluate import evaluate, prompt_ids
 from handrail.models import HiddenStates, load_model, save_model, stop_ids
@@ -47,14 +53,18 @@ class TrainConfig:
     ema_decay: float = 0.95  # for teacher=ema
     hint: str = "solution"  # what the teacher sees: solution | answer
     lam: float = 0.5  # geometric rule: weight of the teacher
-    delta: float = 0.1  # trust-region rule: max nats the teacher may move the student per token
+    delta: float = 1.0  # trust-region rule: max nats the teacher may move the student per token
     lam_max: float = 1.0  # trust-region rule: upper end of the lambda search
     support_top_p: float = 0.9  # support rule: the student's nucleus
     intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
-    gate: str = "divergence"  # none | divergence: silence the teacher after the student leaves its path
-    rollout: str = "student"  # student: g ~ pi(.|P_S) | guided: each token from A(p_S, p_T) (self-distill)
+    gate: str = "divergence"  # none | divergence: silence the teacher after the student leaves its path | point: only where it leaves
+    rollout: str = "student"  # student: g ~ pi(.|P_S) | guided: each token from A(p_S, p_T) | logged: the data's turns
     gate_prob: float = 0.05  # divergence gate: a sampled token the teacher gives < this ends its say
-    rollouts: int = 1024  # budget: sampled student completions, all processes together
+    after_gate: str = "free"  # where the gate silences the teacher: free (no loss) | anchor (pull towards the initial model)
+    rollouts: int = 8192  # budget: sampled student completions, all processes together (BENCHMARKS.md §2c)
+    bootstrap_k: int = 0  # answer-only records: samples per problem in a bootstrap stage first (0: off)
+    bootstrap_rollouts: int = 0  # the bootstrap stage's share of `rollouts` (0: half of them)
+    bootstrap_rollout: str = "student"  # bootstrap samples: student | guided (the teacher sees the answer)
     prompts_per_step: int = 16  # global prompts per step
     samples_per_prompt: int = 1  # completions per prompt (GRPO's group size G)
     max_new_tokens: int = 64
@@ -68,7 +78,7 @@ class TrainConfig:
     chunk_size: int = 128  # sequence positions per loss chunk
     level: int | None = None  # task difficulty to train and evaluate on (default: task's post level)
     train_n: int = 2000  # training problems drawn from the task
-    eval_n: int = 200  # held-out problems
+    eval_n: int = 200  # held-out problems (0: no evaluation)
     eval_every: int = 8  # steps between evaluations (0: only at the start and end)
     eval_samples: int = 0  # sampled completions per eval problem, besides greedy
     checkpoint_every: int = 16  # steps between checkpoints (0: only at the end)
@@ -89,12 +99,23 @@ class TrainConfig:
             raise ValueError(f"config key 'rule': unknown {self.rule!r}; choose {', '.join(RULES)}")
         if self.teacher not in ("frozen", "live", "ema"):
             raise ValueError(f"config key 'teacher': unknown {self.teacher!r}; choose frozen, live or ema")
-        if self.gate not in ("none", "divergence"):
-            raise ValueError(f"config key 'gate': unknown {self.gate!r}; choose none or divergence")
-        if self.rollout not in ("student", "guided"):
-            raise ValueError(f"config key 'rollout': unknown {self.rollout!r}; choose student or guided")
-        if self.rollout == "guided" and self.method != "self-distill":
-            raise ValueError("config key 'rollout': guided rollouts need method self-distill (they need a teacher)")
+        if self.gate not in ("none", "divergence", "point"):
+            raise ValueError(f"config key 'gate': unknown {self.gate!r}; choose none, divergence or point")
+        if self.after_gate not in ("free", "anchor"):
+            raise ValueError(f"config key 'after_gate': unknown {self.after_gate!r}; choose free or anchor")
+        if self.rollout not in ("student", "guided", "logged"):
+            raise ValueError(f"config key 'rollout': unknown {self.rollout!r}; choose student, guided or logged")
+        if self.rollout in ("guided", "logged") and self.method != "self-distill":
+            raise ValueError(f"config key 'rollout': {self.rollout} rollouts need method self-distill "
+                             f"(they need a teacher)")
+        if self.bootstrap_rollout not in ("student", "guided"):
+            raise ValueError(f"config key 'bootstrap_rollout': unknown {self.bootstrap_rollout!r}; "
+                             f"choose student or guided")
+        if self.bootstrap_k < 0 or self.bootstrap_rollouts < 0:
+            raise ValueError("config keys 'bootstrap_k' and 'bootstrap_rollouts': must be >= 0")
+        if self.bootstrap_k and self.bootstrap_rollouts >= self.rollouts:
+            raise ValueError(f"config key 'bootstrap_rollouts': {self.bootstrap_rollouts} leaves nothing of "
+                             f"the budget rollouts={self.rollouts} for training")
         if self.hint not in ("solution", "answer"):
             raise ValueError(f"config key 'hint': unknown {self.hint!r}; choose solution or answer")
 
@@ -108,7 +129,8 @@ class State:
     """Everything a resumed run needs besides weights and optimizer."""
 
     step: int = 0
-    rollouts: int = 0
+    rollouts: int = 0  # including the bootstrap stage's
+    bootstrap_rollouts: int = 0
     tokens: int = 0
     seconds: float = 0.0
 
@@ -135,18 +157,19 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     if not resume and (out / "metrics.jsonl").exists():
         raise ValueError(f"{out}: already holds a run (metrics.jsonl); continue it with --resume {out} "
                          f"or choose another --out")
+    ckpt = _checkpoint_dir(out) if resume else None
+    if resume and ckpt is None:
+        raise ValueError(f"{out}: no checkpoint to resume from")
+    task, train_recs, eval_recs = _records(cfg)
+    _resolve_logged(cfg, train_recs, log)
     acc.wait_for_everyone()  # every process has checked before the main one writes
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         C.save(cfg, out / "config.json")
-    ckpt = _checkpoint_dir(out) if resume else None
-    if resume and ckpt is None:
-        raise ValueError(f"{out}: no checkpoint to resume from")
 
-    # -- model, data, method ---------------------------------------------------------------------
+    # -- model, method ---------------------------------------------------------------------------
     lm, tokenizer, templates = load_model(str(ckpt / "model") if ckpt else cfg.model, device=acc.device)
     initial = lm if not ckpt else load_model(cfg.model, device=acc.device)[0]
-    task, train_recs, eval_recs = _records(cfg)
     policy = HiddenStates(lm).train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     method = METHODS[cfg.method](cfg, initial, tokenizer, templates, task)  # copies what it keeps
@@ -161,9 +184,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         acc.init_trackers(out.name, config=asdict(cfg))
     stops = stop_ids(tokenizer)
     rows = _slice(cfg.rollouts_per_step, acc.process_index, acc.num_processes)
-    total_steps = cfg.rollouts // cfg.rollouts_per_step
-    bar = tqdm(total=total_steps, initial=state.step, desc=f"train {cfg.method}", unit="step",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    sampling = method.needs_rollouts and cfg.rollout != "logged"
 
     def evaluate_now():
         if not acc.is_main_process:
@@ -176,6 +197,20 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     if state.step == 0 and eval_recs:
         _log(acc, out, {"step": 0, "rollouts": 0, "tokens": 0, "seconds": 0.0, **evaluate_now()})
 
+    # 0. answer-only records: sample worked solutions first and keep those that verify (bootstrap.py)
+    if cfg.bootstrap_k and cfg.method != "grpo" and needs_bootstrap(train_recs):
+        train_recs = _bootstrap_stage(cfg, acc, out, state, acc.unwrap_model(policy).lm, tokenizer, templates,
+                                      train_recs, task, log)
+    elif cfg.method != "grpo" and cfg.hint == "solution" and needs_bootstrap(train_recs):
+        log(f"{len(needs_bootstrap(train_recs))} records have only an answer: '#### <answer>' stands in "
+            f"for their solution (set bootstrap_k to sample worked solutions first)")
+    if len(train_recs) < cfg.prompts_per_step:
+        raise ValueError(f"{len(train_recs)} training records, fewer than prompts_per_step="
+                         f"{cfg.prompts_per_step}; lower prompts_per_step or add records")
+    total_steps = (cfg.rollouts - state.bootstrap_rollouts) // cfg.rollouts_per_step
+    bar = tqdm(total=total_steps, initial=state.step, desc=f"train {cfg.method}", unit="step",
+               disable=not acc.is_main_process, dynamic_ncols=True)
+
     while state.step < total_steps:
         t0 = time.time()
         # 1. sample prompts: one global draw (same on every process); this process takes its rows
@@ -183,17 +218,17 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         batch = [r for r in rng.sample(train_recs, cfg.prompts_per_step) for _ in range(cfg.samples_per_prompt)]
         local = batch[rows]
 
-        # 2. roll out the student (or, for methods that need none, take the reference solution)
+        # 2. roll out the student (or take text already written: references, logged turns)
         lm_now = acc.unwrap_model(policy).lm
         lm_now.eval()
-        if method.needs_rollouts:
+        if sampling:
             rollout = sample(lm_now, tokenizer, prompt_ids(tokenizer, local, templates),
                              max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
                              temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=cfg.seed * 100_003 + state.step, row_offset=rows.start,
                              global_rows=len(batch), guide=method.guide(local, lm_now))
         else:
-            rollout = method.reference_rollout(local, acc.device)
+            rollout = method.given_rollout(local, acc.device)
         lm_now.train()
 
         # 3. score: the per-token signal, with no gradient
@@ -211,12 +246,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
         # 5. log, evaluate, checkpoint
         state.step += 1
-        state.rollouts += cfg.rollouts_per_step if method.needs_rollouts else 0
+        state.rollouts += cfg.rollouts_per_step if sampling else 0
         state.tokens += int(n_tokens)
         sums = acc.reduce(torch.stack([loss_sum.detach()] + [m.detach().float() for m in metrics.values()]), "sum")
         state.seconds += time.time() - t0
-        row = {"step": state.step, "rollouts": state.rollouts, "tokens": state.tokens,
-               "seconds": round(state.seconds, 2), "time/step_s": round(time.time() - t0, 3),
+        row = {"step": state.step, "rollouts": state.rollouts, "bootstrap_rollouts": state.bootstrap_rollouts,
+               "tokens": state.tokens, "seconds": round(state.seconds, 2), "time/step_s": round(time.time() - t0, 3),
                "loss/total": sums[0].item() / max(n_tokens, 1.0), "loss/grad_norm": float(grad_norm),
                **{k: v.item() / max(n_tokens, 1.0) for k, v in zip(metrics, sums[1:])},
                **method.step_metrics(signal)}
@@ -248,7 +283,45 @@ def _records(cfg: TrainConfig):
     task = get_task(cfg.task or DEFAULT_TASK)
     level = cfg.level or task.post_level
     return (task, records_from_task(task.split("train", cfg.train_n, level, seed=cfg.seed)),
-            records_from_task(task.split("test", cfg.eval_n, level)))
+            records_from_task(task.split("test", cfg.eval_n, level)) if cfg.eval_n else [])
+
+
+def _bootstrap_stage(cfg, acc, out: Path, state: State, lm, tokenizer, templates, records, task, log):
+    """Runs once, before step 1; a resumed run reads back the solutions it kept."""
+    if state.step > 0:
+        return load_bootstrap(out / BOOTSTRAP_FILE)
+    t0 = time.time()
+    budget = cfg.bootstrap_rollouts or cfg.rollouts // 2
+    solved, stats = bootstrap(lm, tokenizer, templates, records, task, replace(cfg, bootstrap_rollouts=budget),
+                              acc, log)
+    state.rollouts = state.bootstrap_rollouts = stats["bootstrap/rollouts"]
+    state.seconds += time.time() - t0
+    if acc.is_main_process:
+        save_bootstrap(solved, out / BOOTSTRAP_FILE)
+    _log(acc, out, {"step": 0, "rollouts": state.rollouts, "tokens": 0, "seconds": round(state.seconds, 2), **stats})
+    if not solved:
+        raise ValueError("bootstrap solved none of the answer-only problems; raise bootstrap_rollouts "
+                         "or bootstrap_k, or train with hint=answer")
+    return solved
+
+
+def _resolve_logged(cfg: TrainConfig, records, log) -> None:
+    """Logged-conversation records carry the text to train on, so nothing is sampled for them."""
+    logged = sum(r.completion is not None for r in records)
+    if logged and logged != len(records):
+        first = next(r for r in records if r.completion is None)
+        raise ValueError(f"{first.source}: a plain record among logged conversations; give them in separate files")
+    if logged and cfg.method != "self-distill":
+        raise ValueError(f"{records[0].source}: logged conversations train with method self-distill, "
+                         f"not {cfg.method}")
+    if logged and cfg.rollout == "student":
+        cfg.rollout = "logged"
+        log(f"logged conversations: training on {logged} assistant turns already written; nothing is sampled")
+    if cfg.rollout == "logged" and not logged:
+        raise ValueError("config key 'rollout': logged needs logged-conversation records "
+                         "(messages with one \"accepted\": true assistant turn)")
+    if logged and cfg.rollout != "logged":
+        raise ValueError(f"config key 'rollout': {cfg.rollout} cannot be used with logged conversations")
 
 
 def _log(acc, out: Path, row: dict) -> None:

@@ -80,3 +80,6 @@ def test_divergence_gate_keeps_tokens_up_to_the_first_unlikely_one():
     assert got.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
     assert torch.equal(until_divergence(lp, mask, prob=1e-9), mask)
     assert math.isclose(float(until_divergence(lp, mask, prob=1.0).sum()), 3.0)
+    # gate=point keeps only the first divergent token; a row that never diverges gets no signal
+    point = until_divergence(lp, mask, prob=0.05, only_at=True)
+    assert point.tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]]

@@ -107,3 +107,20 @@ def test_prompts_use_templates_and_chat_template():
     assert student_prompt(None, rec, t) == "system: be brief\nuser: Q 2+2?\nassistant: "
     assert teacher_prompt(FakeChatTokenizer(), rec, t) == "system:be brief|user:Q 2+2? H #### 4|assistant:"
     assert teacher_prompt(None, Record("x", "s"), t, hint="#### 9") == "Q x H #### 9"
+
+
+def test_hinted_only_levels_are_never_shown_to_the_student_alone():
+    from handrail.data import records_from_task
+    from handrail.models import build_char_tokenizer
+    from handrail.pretrain import PretrainConfig, build_examples
+
+    task = get_task("chain")
+    recs = records_from_task(task.split("train", 40, 2, seed=0) + task.split("train", 40, 5, seed=0))
+    tok = build_char_tokenizer([r.text + r.solution + "[]#\n " for r in recs])
+    cfg = PretrainConfig(hinted_only_levels="5", plain_frac=0.5)
+    examples = build_examples(recs, cfg, tok, random.Random(0))
+    hinted = [("[" in tok.decode(p)) for p, _ in examples]
+    assert all(hinted[40:])  # level 5: always a teacher prompt
+    assert 5 < sum(hinted[:40]) < 35  # level 2: the usual mix
+    with pytest.raises(ValueError, match="config key 'levels'"):
+        PretrainConfig(levels="1,x").validate()

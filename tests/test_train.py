@@ -29,9 +29,10 @@ def rows(out):
 
 @pytest.mark.parametrize("kw", [
     dict(method="self-distill", rule="trust-region", teacher="frozen"),
-    dict(method="self-distill", rule="support", teacher="ema"),
+    dict(method="self-distill", rule="support", teacher="ema", after_gate="anchor"),  # a second frozen copy
     dict(method="self-distill", rule="geometric", teacher="live", hint="answer"),
     dict(method="self-distill", rule="none", gate="divergence", gate_prob=0.5),
+    dict(method="self-distill", rule="trust-region", gate="point", gate_prob=0.5, after_gate="anchor"),
     dict(method="self-distill", rule="trust-region", rollout="guided"),
     dict(method="grpo", samples_per_prompt=4, prompts_per_step=4, kl_coef=0.05, rollouts=64),
     dict(method="sft"),
@@ -62,6 +63,24 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_model, tmp_path
     first = sum(r["teacher/raw_kl"] for r in log[:5]) / 5
     last = sum(r["teacher/raw_kl"] for r in log[-5:]) / 5
     assert last < 0.7 * first, (first, last)
+
+
+def test_anchor_is_silent_until_the_student_moves(tiny_model, tmp_path):
+    """after_gate=anchor pulls gated positions towards the initial model: zero extra loss while the
+    student still is the initial model (step 1), a different loss once it has moved (step 2)."""
+    kw = dict(rollouts=16, gate_prob=0.5, eval_every=0, eval_n=0, checkpoint_every=0, lr=3e-3)
+    train(cfg(tiny_model, tmp_path / "free", after_gate="free", **kw), log=lambda *_: None)
+    train(cfg(tiny_model, tmp_path / "anchor", after_gate="anchor", **kw), log=lambda *_: None)
+    free, anchor = rows(tmp_path / "free"), rows(tmp_path / "anchor")
+    assert free[0]["teacher/gated"] > 0 and free[0]["teacher/gated"] == anchor[0]["teacher/gated"]
+    assert anchor[0]["loss/total"] == pytest.approx(free[0]["loss/total"], rel=1e-4, abs=1e-7)
+    assert anchor[1]["loss/total"] != pytest.approx(free[1]["loss/total"], rel=1e-3)
+    # a live teacher needs a separate frozen anchor and two heads behind one; at step 1 both
+    # are still the initial weights, so the loss matches the frozen teacher's
+    train(cfg(tiny_model, tmp_path / "live", teacher="live", after_gate="anchor", **kw), log=lambda *_: None)
+    live = rows(tmp_path / "live")
+    assert live[0]["loss/total"] == pytest.approx(anchor[0]["loss/total"], rel=1e-4)
+    assert live[0]["teacher/gated"] == anchor[0]["teacher/gated"]
 
 
 def test_resume_continues_exactly(tiny_model, tmp_path):
