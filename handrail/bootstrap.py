@@ -21,7 +21,6 @@ from handrail.data import Record
 from handrail.evaluate import is_correct, is_leak, prompt_ids
 from handrail.models import stop_ids
 from handrail.rollout import Guide, sample
-from handrail.targets import make_rule
 
 FILE = "bootstrap.jsonl"  # in the run folder: the solutions kept, one record per line
 
@@ -40,10 +39,10 @@ def bootstrap(lm, tokenizer, templates, records: list[Record], task, cfg, acc, l
     random.Random(f"{cfg.seed}/bootstrap").shuffle(pending)
     k, per_batch = cfg.bootstrap_k, cfg.prompts_per_step
     pending = pending[:cfg.bootstrap_rollouts // k]
-    teacher_rule = make_rule(cfg.rule, lam=cfg.lam, delta=cfg.delta, lam_max=cfg.lam_max, top_p=cfg.support_top_p)
     stops, kept, used = stop_ids(tokenizer), {}, 0
     bar = tqdm(total=len(pending) * k, desc="bootstrap", unit="sample", disable=not acc.is_main_process,
                dynamic_ncols=True)
+    was_training = lm.training
     lm.eval()
     for b, start in enumerate(range(0, len(pending), per_batch)):
         problems = pending[start:start + per_batch]
@@ -55,7 +54,7 @@ def bootstrap(lm, tokenizer, templates, records: list[Record], task, cfg, acc, l
         if local:
             guide = None
             if cfg.bootstrap_rollout == "guided":  # the teacher sees the answer, the student does not
-                guide = Guide(lm, prompt_ids(tokenizer, local, templates, hint="answer"), teacher_rule)
+                guide = Guide(lm, prompt_ids(tokenizer, local, templates, hint="answer"), cfg.aggregation_rule())
             texts = sample(lm, tokenizer, prompt_ids(tokenizer, local, templates), max_new_tokens=cfg.max_new_tokens,
                            stop_ids=stops, temperature=cfg.temperature, top_p=cfg.top_p,
                            seed=cfg.seed * 100_003 + 50_000 + b, row_offset=mine.start, global_rows=len(rows),
@@ -68,6 +67,7 @@ def bootstrap(lm, tokenizer, templates, records: list[Record], task, cfg, acc, l
         bar.update(len(rows))
         bar.set_postfix(solved=f"{len(kept)}/{start + len(problems)}")
     bar.close()
+    lm.train(was_training)
     stats = {"bootstrap/rollouts": used, "bootstrap/problems": len(pending), "bootstrap/solved": len(kept)}
     log(f"bootstrap: {len(kept)} of {len(pending)} answer-only problems solved with {used} samples "
         f"({cfg.bootstrap_rollout} rollouts, k={k})")

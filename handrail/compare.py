@@ -61,8 +61,8 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path) -> TrainC
 def curve(run: Path, per_step: int) -> list[dict]:
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     # a bootstrap stage's samples (train.py) come before step 1 and count like any others
-    return [{"samples": r["step"] * per_step + r.get("bootstrap_rollouts", 0), "seconds": r["seconds"], "pass@1": r["eval/pass@1"],
-             "leak_rate": r["eval/leak_rate"]} for r in rows if "eval/pass@1" in r]
+    return [{"samples": r["step"] * per_step + r.get("bootstrap_rollouts", 0), "seconds": r["seconds"],
+             "pass@1": r["eval/pass@1"], "leak_rate": r["eval/leak_rate"]} for r in rows if "eval/pass@1" in r]
 
 
 def samples_to_reach(points: list[tuple[int, float]], target: float) -> int | None:

@@ -135,9 +135,7 @@ def parse_conversation(row: dict, where: str) -> list[Record]:
     if len(accepted) != 1:
         raise DataError(f"{where}: field 'messages': expected exactly one turn with \"accepted\": true, "
                         f"found {len(accepted)}")
-    answer = row.get("answer")
-    if answer is not None and not isinstance(answer, (str, int, float)):
-        raise DataError(f"{where}: field 'answer': expected a string or number, got {type(answer).__name__}")
+    answer = _answer(row, where)
     final = messages[accepted[0]]["content"]
     records = []
     for i, m in enumerate(messages[:accepted[0] + 1]):
@@ -146,8 +144,7 @@ def parse_conversation(row: dict, where: str) -> list[Record]:
         if i == 0 or messages[i - 1]["role"] != "user":
             raise DataError(f"{where}: field 'messages[{i}]': an assistant turn must follow a user turn")
         prompt = [{"role": t["role"], "content": t["content"]} for t in messages[:i]]
-        records.append(Record(prompt, final, None if answer is None else str(answer),
-                              f"{where} (turn {i})", completion=m["content"]))
+        records.append(Record(prompt, final, answer, f"{where} (turn {i})", completion=m["content"]))
     return records
 
 
@@ -164,12 +161,17 @@ def parse_record(row: dict, where: str) -> Record:
     skey = "solution" if "solution" in row else "privileged_context"
     if solution is not None and not isinstance(solution, str):
         raise DataError(f"{where}: field '{skey}': expected a string, got {type(solution).__name__}")
+    answer = _answer(row, where)
+    if not solution and answer is None:
+        raise DataError(f"{where}: field 'solution': missing (a record needs 'solution' or 'answer')")
+    return Record(prompt, solution or None, answer, where)
+
+
+def _answer(row: dict, where: str) -> str | None:
     answer = row.get("answer")
     if answer is not None and not isinstance(answer, (str, int, float)):
         raise DataError(f"{where}: field 'answer': expected a string or number, got {type(answer).__name__}")
-    if not solution and answer is None:
-        raise DataError(f"{where}: field 'solution': missing (a record needs 'solution' or 'answer')")
-    return Record(prompt, solution or None, None if answer is None else str(answer), where)
+    return None if answer is None else str(answer)
 
 
 def _check_roles(messages: list, where: str, key: str) -> None:

@@ -18,7 +18,6 @@ from handrail.evaluate import is_correct, prompt_ids
 from handrail.models import HiddenStates
 from handrail.objectives import chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, token_logp
 from handrail.rollout import Guide, Rollout, given_rollout, left_pad, positions
-from handrail.targets import make_rule
 
 
 def completion_hidden(model, prompts: list[list[int]], rollout: Rollout, pad_id: int) -> torch.Tensor:
@@ -98,8 +97,7 @@ class SelfDistill(Method):
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
-        self.rule = make_rule(cfg.rule, lam=cfg.lam, delta=cfg.delta, lam_max=cfg.lam_max,
-                              top_p=cfg.support_top_p)
+        self.rule = cfg.aggregation_rule()
         self.teacher = None if cfg.teacher == "live" else _frozen_copy(initial_lm)
         self.anchor = None  # the initial model, where the gate silences the teacher (after_gate=anchor)
         if cfg.gate != "none" and cfg.after_gate == "anchor":

@@ -119,6 +119,12 @@ class TrainConfig:
         if self.hint not in ("solution", "answer"):
             raise ValueError(f"config key 'hint': unknown {self.hint!r}; choose solution or answer")
 
+    def aggregation_rule(self):
+        """`rule` with its own parameters bound: (logp_S, logp_T) -> log q (targets.py)."""
+        from handrail.targets import make_rule
+
+        return make_rule(self.rule, lam=self.lam, delta=self.delta, lam_max=self.lam_max, top_p=self.support_top_p)
+
     @property
     def rollouts_per_step(self) -> int:
         return self.prompts_per_step * self.samples_per_prompt
@@ -198,11 +204,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         _log(acc, out, {"step": 0, "rollouts": 0, "tokens": 0, "seconds": 0.0, **evaluate_now()})
 
     # 0. answer-only records: sample worked solutions first and keep those that verify (bootstrap.py)
-    if cfg.bootstrap_k and cfg.method != "grpo" and needs_bootstrap(train_recs):
+    answer_only = [] if cfg.method == "grpo" else needs_bootstrap(train_recs)  # grpo needs no solutions
+    if answer_only and cfg.bootstrap_k:
         train_recs = _bootstrap_stage(cfg, acc, out, state, acc.unwrap_model(policy).lm, tokenizer, templates,
                                       train_recs, task, log)
-    elif cfg.method != "grpo" and cfg.hint == "solution" and needs_bootstrap(train_recs):
-        log(f"{len(needs_bootstrap(train_recs))} records have only an answer: '#### <answer>' stands in "
+    elif answer_only and cfg.hint == "solution":
+        log(f"{len(answer_only)} records have only an answer: '#### <answer>' stands in "
             f"for their solution (set bootstrap_k to sample worked solutions first)")
     if len(train_recs) < cfg.prompts_per_step:
         raise ValueError(f"{len(train_recs)} training records, fewer than prompts_per_step="

@@ -10,6 +10,7 @@ import handrail.bootstrap
 import handrail.train
 from handrail.config import build
 from handrail.data import DataError, load_records
+from handrail.evaluate import is_correct, is_leak
 from handrail.rollout import Rollout
 from handrail.tasks import get_task
 from handrail.train import TrainConfig, train
@@ -143,10 +144,17 @@ def test_bootstrap_with_guided_samples_runs_on_a_real_model(tiny_model, tmp_path
                       bootstrap_rollouts=32, rollouts=48, prompts_per_step=8, max_new_tokens=24, eval_every=0)
     try:
         train(cfg, **QUIET)
+        solved = True
     except ValueError as e:  # the 30-step fixture model may solve nothing; then it must say so clearly
         assert "bootstrap solved none of the answer-only problems" in str(e)
+        solved = False
     boot = next(r for r in rows(tmp_path / "run") if "bootstrap/solved" in r)
     assert boot["bootstrap/rollouts"] == 32 and boot["bootstrap/problems"] == 16
+    assert (boot["bootstrap/solved"] > 0) == solved
+    if solved:  # whatever it kept must verify and not answer first (a data file's definitions)
+        kept = handrail.bootstrap.load(tmp_path / "run" / "bootstrap.jsonl")
+        assert len(kept) == boot["bootstrap/solved"]
+        assert all(is_correct(r.solution, r, None) and not is_leak(r.solution, r, None) for r in kept)
 
 
 def test_bootstrap_must_leave_budget_for_training(tiny_model):
