@@ -30,7 +30,7 @@ def child(mode: str, B: int, T: int, rule: str) -> dict:
     t = time.time()
     fn = distill_chunk(make_rule(rule))
     summer = chunked_sum if mode == "chunked" else naive_sum
-    out = summer(fn, hidden, head, mask, chunk_size=128, extra_B_T_H=hidden_T, extra_head=head_T)
+    out = summer(fn, hidden, head, mask, None, chunk_size=128, refs=((hidden_T, head_T), None))
     out[0].backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"mode": mode, "extra_peak_MiB": round((peak - base) / 1024), "seconds": round(time.time() - t, 2),

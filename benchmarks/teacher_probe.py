@@ -10,8 +10,10 @@ next result, which the student's work does not justify), or *other* (e.g. its ow
 slip). Self-distillation assumes a mostly consistent teacher.
 """
 
+import json
 import random
 import sys
+from pathlib import Path
 
 from handrail.data import teacher_prompt
 from handrail.models import load_model, stop_ids
@@ -21,7 +23,9 @@ from handrail.run import eval_records
 
 def probe(model_path: str, n: int = 200, seed: int = 0) -> dict:
     model, tok, tpl = load_model(model_path)
-    task, recs = eval_records("chain", None, n=n)
+    meta = Path(model_path) / "handrail.json"
+    task_name = (json.loads(meta.read_text()).get("task") if meta.exists() else None) or "chain"
+    task, recs = eval_records(task_name, None, n=n)
     rng = random.Random(seed)
     prompts, expected, copied = [], [], []
     for rec in recs:

@@ -26,11 +26,7 @@ def cmd_pretrain(a) -> int:
     from handrail.pretrain import PretrainConfig, pretrain
 
     cfg = C.build(PretrainConfig, a.config, a.overrides, out=a.out, task=a.task, data=a.data, seed=a.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    C.save(cfg, os.path.join(cfg.out, "pretrain_config.json"))
-    result = pretrain(cfg)
-    with open(os.path.join(cfg.out, "pretrain_result.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    pretrain(cfg)  # writes pretrain_config.json and pretrain_result.json beside the model
     return 0
 
 
@@ -77,7 +73,9 @@ def cmd_compare(a) -> int:
 
     if not a.model and (a.data or a.task not in (None, DEFAULT_TASK)):
         raise ValueError("--model is required unless the task is the embedded default")
-    model = a.model or str(default_base_model())
+    model = a.model or "default"
+    if model == "default":
+        default_base_model()  # built (or found) before any run starts, with its progress shown
     flags = dict(model=model, task=a.task, data=a.data, methods=a.methods, rollouts=a.rollouts,
                  seeds=a.seeds, out=a.out)
     compare(C.build(CompareConfig, a.config, a.overrides, **flags))
@@ -90,11 +88,16 @@ def cmd_demo(a) -> int:
 
     base = default_base_model(rebuild=a.rebuild, quick=a.quick)
     out = a.out or _free_dir("runs/demo-quick" if a.quick else "runs/demo")
-    cfg = CompareConfig(model=str(base), out=out, methods="self-distill,grpo,sft",
-                        **(dict(rollouts=64, seeds=1, eval_points=2, train="eval_n=50,max_new_tokens=40")
-                           if a.quick else dict(rollouts=2048, seeds=3, eval_points=8)))
+    cfg = CompareConfig(model=str(base) if a.quick else "default", out=out, **(DEMO_QUICK if a.quick else DEMO))
     compare(cfg)
     return 0
+
+
+# The demo: every method on every scenario of the lab (DESIGN §3b), from the default base.
+DEMO = dict(methods="self-distill,self-distill:none,sft,grpo", scenarios="full,terse,answer,hard",
+            rollouts=1024, seeds=2, eval_points=4)
+DEMO_QUICK = dict(methods="self-distill,self-distill:none,sft,grpo", scenarios="full,answer",
+                  rollouts=32, seeds=1, eval_points=1, train="eval_n=40,max_new_tokens=40")
 
 
 def cmd_decode(a) -> int:

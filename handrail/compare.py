@@ -3,8 +3,10 @@ the same held-out problems at the same points, over several seeds.
 
 Budgets are in samples: a rollout (one sampled student completion) for on-policy methods, one
 reference solution for SFT, so every method consumes `rollouts_per_step` per step and the
-evaluation points line up. Writes `results.json`, `accuracy.png` (held-out pass@1 against
-samples and against wall-clock, mean ± spread over seeds) and `table.md`, and prints the
+evaluation points line up. Each *scenario* (SCENARIOS: what the references look like, or how
+hard the level is) runs every method. Writes `results.json`, `accuracy.png` (held-out pass@1 and
+leak rate against samples, mean ± spread over seeds, one column per scenario), `table.md` and
+`environment.json` (commit, versions, CPU instruction set, the base's recipe), and prints the
 sample-efficiency ratio: rollouts GRPO needs to reach its final accuracy ÷ rollouts
 self-distillation needs to reach the same.
 """
@@ -33,6 +35,8 @@ class CompareConfig:
     samples_per_step: int = 16  # global samples per step, for every method
     group_size: int = 4  # GRPO's G: prompts per step = samples_per_step / G
     eval_points: int = 8  # evaluations per run, at the same sample counts for every method
+    scenarios: str = "full"  # comma-separated, from SCENARIOS: full | terse | answer | hard
+    jobs: int = 0  # runs trained at once, each on one thread (0: one per CPU core; GPU runs: use 1)
     train: str = ""  # extra TrainConfig overrides for every run, "key=value,key=value"
 
     def validate(self):
@@ -40,9 +44,28 @@ class CompareConfig:
             raise ValueError("config key 'model': required")
         if self.samples_per_step % self.group_size:
             raise ValueError("samples_per_step must be a multiple of group_size")
+        for name in self.scenarios.split(","):
+            if name not in SCENARIOS:
+                raise ValueError(f"config key 'scenarios': unknown {name!r}; choose {', '.join(SCENARIOS)}")
+        if self.data and set(self.scenarios.split(",")) - {"full", "answer"}:
+            raise ValueError("config key 'scenarios': with --data only full (the file as it is) and answer "
+                             "(its solutions dropped) apply; put terse or harder records in the file itself")
+        for seed in range(self.seeds):  # every run's config is checked before the first one trains
+            for scenario in self.scenarios.split(","):
+                for spec in self.methods.split(","):
+                    method_config(self, spec, seed, Path(self.out), scenario)
 
 
-def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path) -> TrainConfig:
+# What each scenario changes in every method's TrainConfig (see DESIGN §3b):
+SCENARIOS = {
+    "full": {},  # worked references in the student's own style
+    "terse": {"reference": "terse"},  # references that skip intermediate results (embedded tasks)
+    "answer": {"reference": "answer"},  # only the final answer: the impossible-knowledge case
+    "hard": {"level": "hard"},  # one level above the post-training level: too hard for the student alone
+}
+
+
+def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario: str = "full") -> TrainConfig:
     method, rule, rollout = (spec.split(":") + ["", ""])[:3]  # e.g. self-distill:none:guided
     steps = cfg.rollouts // cfg.samples_per_step
     kw = dict(model=cfg.model, out=str(out), task=cfg.task, data=cfg.data, eval_data=cfg.eval_data,
@@ -54,6 +77,11 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path) -> TrainC
         kw["rule"] = rule
     if rollout:
         kw["rollout"] = rollout
+    kw.update(SCENARIOS[scenario])
+    if kw.get("level") == "hard":
+        from handrail.tasks import DEFAULT_TASK, get_task
+
+        kw["level"] = get_task(cfg.task or DEFAULT_TASK).post_level + 1
     extra = dict(item.split("=", 1) for item in cfg.train.split(",") if item.strip())
     return C.build(TrainConfig, overrides={**kw, **extra})
 
@@ -78,28 +106,70 @@ def mean_curve(curves: list[list[dict]], key: str = "pass@1") -> list[tuple[int,
 
 
 def compare(cfg: CompareConfig, log=print) -> dict:
+    from handrail.run import environment
+
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: already exists and is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out / "compare_config.json")
-    results = {}
-    for spec in cfg.methods.split(","):
-        runs = []
-        for seed in range(cfg.seeds):
-            run = out / f"{spec.replace(':', '-')}-s{seed}"
-            log(f"[compare] {spec} seed {seed}")
-            summary = train(method_config(cfg, spec, seed, run), log=lambda *_: None)
-            runs.append({"seed": seed, "curve": curve(run, cfg.samples_per_step), "seconds": summary["seconds"],
-                         "rollouts": summary["rollouts"]})
-        results[spec] = {"runs": runs, "mean": mean_curve([r["curve"] for r in runs])}
-    report = {"config": cfg.__dict__, "methods": results, "ratio": efficiency_ratio(results)}
+    (out / "environment.json").write_text(json.dumps(environment(cfg.model), indent=2) + "\n")
+    scenarios, report = cfg.scenarios.split(","), {"config": cfg.__dict__, "scenarios": {}}
+    todo = {(scenario, spec, seed): out / (f"{scenario}/" if len(scenarios) > 1 else "") / f"{spec.replace(':', '-')}-s{seed}"
+            for scenario in scenarios for spec in cfg.methods.split(",") for seed in range(cfg.seeds)}
+    summaries = _train_all(cfg, todo, log)
+    for scenario in scenarios:
+        results = {}
+        for spec in cfg.methods.split(","):
+            runs = [{"seed": seed, "curve": curve(todo[scenario, spec, seed], cfg.samples_per_step),
+                     "seconds": summaries[scenario, spec, seed]["seconds"],
+                     "rollouts": summaries[scenario, spec, seed]["rollouts"]} for seed in range(cfg.seeds)]
+            results[spec] = {"runs": runs, "mean": mean_curve([r["curve"] for r in runs])}
+        report["scenarios"][scenario] = {"methods": results, "ratio": efficiency_ratio(results)}
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "table.md").write_text(table(results, report["ratio"]))
-    plot(results, out / "accuracy.png")
-    log((out / "table.md").read_text())  # the table ends with the sample-efficiency ratio
+    text = "\n".join((f"### scenario: {name}\n\n" if len(scenarios) > 1 else "") + table(r["methods"], r["ratio"])
+                     for name, r in report["scenarios"].items())
+    (out / "table.md").write_text(text)
+    plot(report["scenarios"], out / "accuracy.png")
+    log(text)  # each table ends with its sample-efficiency ratio
     log(f"plot: {out / 'accuracy.png'}")
     return report
+
+
+def _train_one(cfg: TrainConfig) -> dict:
+    return train(cfg, log=lambda *_: None)
+
+
+def _train_all(cfg: CompareConfig, todo: dict, log) -> dict:
+    """Train every run, `jobs` at a time in separate processes. Each run is pinned to one thread
+    unless `train=threads=N` says otherwise, so its result does not depend on how many ran beside it."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    configs = {key: method_config(cfg, key[1], key[2], run, key[0]) for key, run in todo.items()}
+    for c in configs.values():
+        c.threads = c.threads or 1
+    jobs = min(cfg.jobs or os.cpu_count() or 1, len(configs))
+    bar = tqdm(total=len(configs), desc=f"compare ({jobs} at a time)", unit="run", dynamic_ncols=True)
+    done = {}
+    if jobs == 1:
+        for key, c in configs.items():
+            done[key] = _train_one(c)
+            bar.update(1)
+            log(f"[compare] {key[0]}: {key[1]} seed {key[2]}: done")
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_train_one, c): key for key, c in configs.items()}
+            for f in as_completed(futures):
+                key = futures[f]
+                done[key] = f.result()
+                bar.update(1)
+                log(f"[compare] {key[0]}: {key[1]} seed {key[2]}: done")
+    bar.close()
+    return done
 
 
 def efficiency_ratio(results: dict) -> dict:
@@ -137,29 +207,31 @@ def table(results: dict, ratio: dict) -> str:
     return "\n".join(lines) + f"\n\n{ratio['message']}\n"
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(scenarios: dict, path: Path) -> None:
+    """One column per scenario: held-out pass@1 (top) and leak rate (bottom) against samples."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for spec, r in results.items():
-        xs = [s for s, _, _ in r["mean"]]
-        m = [v for _, v, _ in r["mean"]]
-        sd = [v for _, _, v in r["mean"]]
-        line, = a.plot(xs, m, marker="o", label=spec)
-        a.fill_between(xs, [x - y for x, y in zip(m, sd)], [x + y for x, y in zip(m, sd)],
-                       color=line.get_color(), alpha=0.15)
-        secs = [statistics.mean(run["curve"][i]["seconds"] for run in r["runs"]) for i in range(len(xs))]
-        b.plot(secs, m, marker="o", label=spec, color=line.get_color())
-    a.set_xlabel("samples (rollouts; reference examples for sft)")
-    b.set_xlabel("training wall-clock (s, mean over seeds)")
-    for ax in (a, b):
-        ax.set_ylabel("held-out pass@1 (greedy)")
-        ax.grid(alpha=0.3)
-    a.legend()
-    fig.suptitle(f"mean ± sd over {len(next(iter(results.values()))['runs'])} seeds")
+    n = len(scenarios)
+    fig, axes = plt.subplots(2, n, figsize=(4.2 * n + 1, 7), squeeze=False, sharex="col")
+    for col, (name, sc) in enumerate(scenarios.items()):
+        for spec, r in sc["methods"].items():
+            for row, key in enumerate(("pass@1", "leak_rate")):
+                stats = mean_curve([run["curve"] for run in r["runs"]], key)
+                xs, m, sd = ([p[i] for p in stats] for i in range(3))
+                line, = axes[row][col].plot(xs, m, marker="o", markersize=3, label=spec)
+                axes[row][col].fill_between(xs, [x - y for x, y in zip(m, sd)], [x + y for x, y in zip(m, sd)],
+                                            color=line.get_color(), alpha=0.15)
+        axes[0][col].set_title(f"scenario: {name}" if n > 1 else "")
+        axes[1][col].set_xlabel("samples (rollouts; reference examples for sft)")
+        for row, label in enumerate(("held-out pass@1 (greedy)", "leak rate (answer before the work)")):
+            axes[row][col].set_ylabel(label)
+            axes[row][col].grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    runs = next(iter(next(iter(scenarios.values()))["methods"].values()))["runs"]
+    fig.suptitle(f"mean ± sd over {len(runs)} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -93,15 +93,19 @@ class SelfDistill(Method):
     benchmarks/teacher_probe.py). At the divergence point itself it intervenes fully
     (`gate=point`: only there). With `after_gate=anchor` the silenced positions get the initial
     model on [P_S, g] as their reference instead of no loss, so they cannot drift; measured, it
-    also holds the student back (BENCHMARKS.md §2c)."""
+    also holds the student back (BENCHMARKS.md §2c). Rules that measure from the initial student
+    (`considered`, `anchored`) get that same initial model's distribution at every position."""
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
         self.rule = cfg.aggregation_rule()
         self.teacher = None if cfg.teacher == "live" else _frozen_copy(initial_lm)
-        self.anchor = None  # the initial model, where the gate silences the teacher (after_gate=anchor)
-        if cfg.gate != "none" and cfg.after_gate == "anchor":
-            self.anchor = self.teacher if cfg.teacher == "frozen" else _frozen_copy(initial_lm)
+        # the initial model on the student's own prompt: what rules that measure from the initial
+        # student read (targets.NEEDS_INITIAL), and the reference where the gate silences the
+        # teacher with after_gate=anchor
+        self.initial = None
+        if self.rule.needs_initial or (cfg.gate != "none" and cfg.after_gate == "anchor"):
+            self.initial = self.teacher if cfg.teacher == "frozen" else _frozen_copy(initial_lm)
 
     def teacher_prompts(self, records) -> list[list[int]]:
         return prompt_ids(self.tokenizer, records, self.templates, hint=self.cfg.hint)
@@ -110,15 +114,18 @@ class SelfDistill(Method):
         if self.cfg.rollout != "guided":
             return None
         teacher = self.teacher if self.teacher is not None else lm_now
-        return Guide(teacher, self.teacher_prompts(records), self.rule)
+        initial = None
+        if self.rule.needs_initial:
+            initial = (self.initial, prompt_ids(self.tokenizer, records, self.templates))
+        return Guide(teacher, self.teacher_prompts(records), self.rule, initial)
 
     @torch.no_grad()
     def score(self, records, rollout, lm_now, acc):
         teacher = self.teacher if self.teacher is not None else lm_now
-        prompts = self.teacher_prompts(records)
         was = teacher.training
         teacher.eval()
-        hidden_T = completion_hidden(HiddenStates(teacher), prompts, rollout, self.tokenizer.pad_token_id)
+        hidden_T = completion_hidden(HiddenStates(teacher), self.teacher_prompts(records), rollout,
+                                     self.tokenizer.pad_token_id)
         teacher.train(was)
         head_T = teacher.get_output_embeddings()
         mask = rollout.completion_mask
@@ -126,25 +133,20 @@ class SelfDistill(Method):
             lp_T = _token_logps(hidden_T, head_T, rollout.completion_ids, 1.0, self.cfg.chunk_size)
             mask = until_divergence(lp_T, mask, self.cfg.gate_prob, only_at=self.cfg.gate == "point")
         gated = (rollout.completion_mask - mask).sum()
-        if self.anchor is not None:
-            # where the teacher is silenced, the initial model on the student's own prompt becomes
-            # the reference instead (what the student did before training), so the positions the
-            # teacher never reaches do not drift
-            hidden_0 = completion_hidden(HiddenStates(self.anchor), rollout.prompt_ids, rollout,
-                                         self.tokenizer.pad_token_id)
-            keep = mask[..., None] > 0
-            if self.anchor is teacher:  # same weights, same head: pick hidden states
-                hidden_T = torch.where(keep, hidden_T, hidden_0)
-            else:
-                hidden_T = torch.cat([hidden_T, hidden_0, keep.to(hidden_T.dtype)], dim=-1)
-                head_T = _PickHead(head_T, self.anchor.get_output_embeddings())
-            mask = rollout.completion_mask
-        return {"hidden_T": hidden_T, "head_T": head_T, "mask": mask, "gated": gated}
+        initial, use_T = None, None
+        if self.initial is not None:
+            initial = (completion_hidden(HiddenStates(self.initial), rollout.prompt_ids, rollout,
+                                         self.tokenizer.pad_token_id), self.initial.get_output_embeddings())
+        if self.cfg.gate != "none" and self.cfg.after_gate == "anchor":
+            # where the teacher is silenced, the initial model on the student's own prompt (what the
+            # student did before training) becomes the reference, so those positions cannot drift
+            use_T, mask = mask, rollout.completion_mask
+        return {"teacher": (hidden_T, head_T), "initial": initial, "use_T": use_T, "mask": mask, "gated": gated}
 
     def loss(self, head, hidden, rollout, signal):
         loss, kl_sum, intervened, raw = chunked_sum(
-            distill_chunk(self.rule, self.cfg.intervene_kl), hidden, head, signal["mask"],
-            chunk_size=self.cfg.chunk_size, extra_B_T_H=signal["hidden_T"], extra_head=signal["head_T"])
+            distill_chunk(self.rule, self.cfg.intervene_kl), hidden, head, signal["mask"], signal["use_T"],
+            chunk_size=self.cfg.chunk_size, refs=(signal["teacher"], signal["initial"]))
         return loss, {"teacher/kl": kl_sum, "teacher/intervened": intervened, "teacher/raw_kl": raw,
                       "teacher/gated": signal["gated"]}
 
@@ -162,26 +164,18 @@ class SelfDistill(Method):
             self.teacher.load_state_dict(state["ema"])
 
 
-class _PickHead(torch.nn.Module):
-    """Logits from `a` on the first half of the features where the last feature is 1, else from
-    `b` on the second half: two models' heads behind one, for the chunked loss."""
-
-    def __init__(self, a, b):
-        super().__init__()
-        self.a, self.b = a, b
-
-    def forward(self, x):
-        h = (x.shape[-1] - 1) // 2
-        return torch.where(x[..., -1:] > 0, self.a(x[..., :h]), self.b(x[..., h:2 * h]))
-
-
 class GRPO(Method):
     """GRPO as in DeepSeekMath, with: G samples per prompt; reward 1 if the task verifier accepts
-    the final answer, else 0; advantage (r - mean_group) / (std_group + 1e-4); one policy update
-    per batch (mu = 1, so the PPO ratio starts at 1 and the clip only matters numerically);
-    the loss summed over tokens and divided by the global token count (DAPO-style token-level
-    normalisation, not per-sequence means); optional KL to the initial model with the k3
-    estimator (`kl_coef`, default 0 as in DAPO/Dr.GRPO)."""
+    the final answer, else 0; advantage r - mean_group, divided by (std_group + 1e-4) unless
+    `scale_rewards` is off; one policy update per batch (mu = 1, so the PPO ratio starts at 1 and
+    the clip only matters numerically); optional KL to the initial model with the k3 estimator
+    (`kl_coef`, default 0 as in DAPO/Dr.GRPO). `grpo_loss` is how token losses are averaged, the
+    choice the variants in use differ by:
+    - `dapo`: summed over all tokens of the batch, divided by their count (token-level);
+    - `grpo`: averaged within each sequence, then over sequences (the original; long sequences
+      weigh less per token);
+    - `dr_grpo`: summed, divided by sequences x max_new_tokens (a constant: no length bias);
+      Dr. GRPO also turns `scale_rewards` off."""
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
@@ -196,13 +190,18 @@ class GRPO(Method):
         adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True, unbiased=False) + 1e-4))
         per = len(records)
         adv = adv.flatten()[acc.process_index * per:(acc.process_index + 1) * per]
+        if not self.cfg.scale_rewards:
+            adv = (groups - groups.mean(1, keepdim=True)).flatten()[acc.process_index * per:(acc.process_index + 1) * per]
+        mask = rollout.completion_mask
+        weight = pg_token_weights(mask, self.cfg.grpo_loss, acc.reduce(mask.sum(), "sum"),
+                                  len(records) * acc.num_processes, self.cfg.max_new_tokens)
         ref_logp = rollout.logprobs
         if self.reference is not None:
             hidden = completion_hidden(HiddenStates(self.reference), rollout.prompt_ids, rollout,
                                        self.tokenizer.pad_token_id)
             ref_logp = _token_logps(hidden, self.reference.get_output_embeddings(), rollout.completion_ids,
                                     self.cfg.temperature, self.cfg.chunk_size)
-        return {"adv": adv, "ref_logp": ref_logp, "rewards": every}
+        return {"adv": adv, "weight": weight, "ref_logp": ref_logp, "rewards": every}
 
     def loss(self, head, hidden, rollout, signal):
         B, T = rollout.completion_ids.shape
@@ -210,7 +209,7 @@ class GRPO(Method):
         temp = max(self.cfg.temperature, 1e-6)
         loss, k3, clipped = chunked_sum(
             lambda logits, *a: fn(logits / temp, *a), hidden, head, rollout.completion_ids,
-            rollout.logprobs, signal["ref_logp"], signal["adv"][:, None].expand(B, T),
+            rollout.logprobs, signal["ref_logp"], signal["adv"][:, None] * signal["weight"].expand(B, T),
             rollout.completion_mask, chunk_size=self.cfg.chunk_size)
         return loss, {"policy/kl_ref": k3, "policy/clipped": clipped}
 
@@ -219,6 +218,17 @@ class GRPO(Method):
         groups = r.view(-1, self.cfg.samples_per_prompt)
         solved = ((groups.max(1).values - groups.min(1).values) > 0).float().mean()
         return {"reward/mean": r.mean().item(), "reward/groups_with_signal": solved.item()}
+
+
+def pg_token_weights(mask: torch.Tensor, kind: str, n_tokens: torch.Tensor, n_seqs: int,
+                     max_new_tokens: int) -> torch.Tensor:
+    """(B, T) weights that turn the loop's "sum over tokens / global token count" into the
+    variant's own average (GRPO's docstring); the KL term, if any, stays a token average."""
+    if kind == "grpo":
+        return (n_tokens / (n_seqs * mask.sum(1, keepdim=True).clamp(min=1))).expand_as(mask)
+    if kind == "dr_grpo":
+        return torch.full_like(mask, float(n_tokens) / (n_seqs * max_new_tokens))
+    return torch.ones_like(mask)
 
 
 @torch.no_grad()

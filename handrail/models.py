@@ -35,13 +35,16 @@ def smollm2_path() -> Path:
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Returns (model, tokenizer, templates). `spec` is a folder, a .gguf file, 'smollm2', or a
-    hub id (which needs network or a local cache)."""
+    """Returns (model, tokenizer, templates). `spec` is a folder, a .gguf file, 'smollm2', 'default'
+    (the embedded default base, built by `handrail pretrain`'s recipe and cached), or a hub id
+    (which needs network or a local cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs, path = {}, Path(spec)
     if spec == "smollm2":
         path = smollm2_path()
+    elif spec == "default":
+        path = resolve("default")
     if path.suffix == ".gguf":
         if not path.exists():
             raise ModelError(f"model {spec}: no such file")
@@ -67,6 +70,16 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer, templates_for(path if path.is_dir() else None, tokenizer)
+
+
+def resolve(spec: str) -> Path:
+    """A local path for specs that name one: 'default' is the cached embedded base (built on first
+    use, a few minutes), anything else is taken as a path."""
+    if spec == "default":
+        from handrail.run import default_base_model
+
+        return default_base_model(log=lambda *_: None)
+    return Path(spec)
 
 
 def templates_for(folder: Path | None, tokenizer) -> Templates:

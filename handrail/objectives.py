@@ -7,8 +7,10 @@ LM head to one slice of positions at a time under activation checkpointing: only
 `b×c×V` tensors exist at any moment, forward or backward. `naive_sum` does the same maths in
 one piece and exists for the tests.
 
-A chunk function takes `(logits_B_C_V, *per_token_B_C)` and returns a tuple of scalar sums,
-the first of which is the loss; the rest are metrics.
+A chunk function takes `(logits_B_C_V, *ref_logits_B_C_V, *per_token_B_C)` and returns a tuple of
+scalar sums, the first of which is the loss; the rest are metrics. `refs` are other models'
+(hidden states, LM head) pairs (the teacher, the initial student) turned into logits chunk by
+chunk without gradient; a ref or per-token tensor given as None reaches the function as None.
 """
 
 from __future__ import annotations
@@ -22,49 +24,52 @@ from torch.utils.checkpoint import checkpoint
 from handrail.targets import kl
 
 
+Ref = tuple[torch.Tensor, torch.nn.Module] | None  # (hidden_B_T_H, lm_head) of a model without gradient
+
+
+def _ref_logits(refs, s: int, e: int):
+    with torch.no_grad():
+        return tuple(None if r is None else r[1](r[0][:, s:e]).float() for r in refs)
+
+
 def chunked_sum(fn: Callable, hidden_B_T_H: torch.Tensor, lm_head: torch.nn.Module,
-                *per_token: torch.Tensor, chunk_size: int = 128, extra_B_T_H: torch.Tensor | None = None,
-                extra_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, ...]:
-    """Sum `fn` over sequence chunks. `extra_B_T_H`/`extra_head` (the teacher's hidden states and
-    head) are turned into logits per chunk too, without gradient."""
+                *per_token: torch.Tensor | None, chunk_size: int = 128,
+                refs: tuple[Ref, ...] = ()) -> tuple[torch.Tensor, ...]:
+    """Sum `fn` over sequence chunks; each chunk's logits (the student's, and each ref's) exist
+    only while that chunk is computed, forward and backward."""
     totals = None
     T = hidden_B_T_H.shape[1]
     for s in range(0, T, chunk_size):
         e = min(T, s + chunk_size)
-        args = [t[:, s:e] for t in per_token]
-        extra = None if extra_B_T_H is None else extra_B_T_H[:, s:e]
+        args = [None if t is None else t[:, s:e] for t in per_token]
 
-        def run(h, *a, extra=extra):
-            logits = lm_head(h).float()
-            if extra is not None:
-                with torch.no_grad():
-                    a = (extra_head(extra).float(),) + a
-            return fn(logits, *a)
+        def run(h, *a, s=s, e=e):
+            return fn(lm_head(h).float(), *_ref_logits(refs, s, e), *a)
 
         out = checkpoint(run, hidden_B_T_H[:, s:e], *args, use_reentrant=False)
         totals = out if totals is None else tuple(x + y for x, y in zip(totals, out))
     return totals
 
 
-def naive_sum(fn: Callable, hidden_B_T_H, lm_head, *per_token, extra_B_T_H=None, extra_head=None, **_):
-    logits = lm_head(hidden_B_T_H).float()
-    if extra_B_T_H is not None:
-        with torch.no_grad():
-            per_token = (extra_head(extra_B_T_H).float(),) + per_token
-    return fn(logits, *per_token)
+def naive_sum(fn: Callable, hidden_B_T_H, lm_head, *per_token, refs: tuple[Ref, ...] = (), **_):
+    return fn(lm_head(hidden_B_T_H).float(), *_ref_logits(refs, 0, hidden_B_T_H.shape[1]), *per_token)
 
 
 # -- chunk functions -----------------------------------------------------------------------------
 def distill_chunk(rule, intervene_kl: float = 0.01):
-    """KL(q || p_S) with q = rule(p_S, p_T) held constant. Metrics: summed KL, positions where the
-    teacher moved the student by more than `intervene_kl` nats, and KL(p_T || p_S) (how much the
-    teacher disagrees before aggregation)."""
+    """KL(q || p_S) with q = rule(p_S, p_T, p_0) held constant, p_0 being the initial student
+    (None: not computed). Where `use_T` is 0 (the teacher silenced, after_gate=anchor) p_0 stands
+    in for the teacher. Metrics: summed KL, positions where the teacher moved the student by more
+    than `intervene_kl` nats, and KL(p_T || p_S) (how much the teacher disagrees before aggregation)."""
 
-    def fn(logits_S, logits_T, mask):
+    def fn(logits_S, logits_T, logits_0, mask, use_T):
         logp_S = F.log_softmax(logits_S, -1)
         with torch.no_grad():
             logp_T = F.log_softmax(logits_T, -1)
-            logq = rule(logp_S.detach(), logp_T)
+            logp_0 = None if logits_0 is None else F.log_softmax(logits_0, -1)
+            if use_T is not None:
+                logp_T = torch.where(use_T[..., None] > 0, logp_T, logp_0)
+            logq = rule(logp_S.detach(), logp_T, logp_0)
             raw = kl(logp_T, logp_S.detach())
         per_tok = kl(logq, logp_S)
         kl_const = per_tok.detach()

@@ -1,17 +1,30 @@
 """`handrail pretrain`: build a tiny Llama model and character tokenizer from scratch, trained on
 plain (student-template) and hinted (teacher-template) examples of a task or a data file.
 
-The default task is tuned so that the result leaves room to learn: on the post-training split
-the plain student solves a minority of problems, while the same model shown the worked solution
-solves nearly all of them. That gap is what self-distillation has to close.
+The default recipe leaves room to learn *by construction*, not by stopping training at the right
+moment (BENCHMARKS.md §1):
+
+- the student's own worked solutions carry the task's misconception at a fixed rate
+  (`misconception`; tasks.py), so under greedy decoding the student gets every affected step wrong
+  however well it has learned the rest; sampling still finds the right step sometimes, so a
+  reward has something to find;
+- the teacher (hinted prompts) sees full references, terse ones that skip intermediate results,
+  or only the answer, and `detour_frac` of its full-reference examples leave the reference's path
+  and continue correctly from the slipped value, so the teacher works from the student's path
+  instead of copying the reference's numbers (benchmarks/teacher_probe.py);
+- `hinted_only_levels` are never practised unaided: a level too hard for the student alone.
+
+`band()` checks the result and says what to change when a build misses it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -28,29 +41,32 @@ class PretrainConfig:
     out: str = "runs/base"  # output folder (an HF model folder)
     task: str | None = None  # embedded task name (default: chain); ignored with `data`
     data: str | None = None  # JSONL/Parquet/datasets file instead of a task
-    seconds: float = 900.0  # wall-clock safety cap only; the step budget ends a normal run (~270 s here)
-    max_steps: int = 500  # optimizer steps (the budget; `seconds` is only a safety cap)
+    seconds: float = 0.0  # optional wall-clock cap (0: none); a capped run is marked as not the recipe's
+    max_steps: int = 1000  # optimizer steps: the budget that ends a run
     batch_size: int = 64
     lr: float = 3e-3
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    seed: int = 1  # seeds 1..3 of this recipe gave student 15/9/10% (BENCHMARKS.md §1)
+    seed: int = 1  # the recipe's band holds over seeds and CPU instruction sets (BENCHMARKS.md §1)
     n_problems: int = 20000  # training problems drawn from the task (per level mix)
     plain_frac: float = 0.5  # share of plain student-prompt examples (rest are hinted)
-    answer_hint_frac: float = 0.3  # share of hinted examples whose hint is only the final answer
+    answer_hint_frac: float = 0.2  # share of hinted examples whose hint is only the final answer
+    terse_hint_frac: float = 0.15  # share of the other hinted examples whose reference is terse (tasks only)
     direct_plain: float = 0.05  # answer-first completions for plain prompts (a rare guess)
     direct_answer_hint: float = 0.5  # answer-first completions when the hint is the bare answer
-    detour_frac: float = 0.0  # solution-hinted examples that leave the hint's path (task.detour); see benchmarks/README.md
+    detour_frac: float = 0.5  # full-reference examples that leave the hint's path and continue from the slip (tasks only)
+    misconception: float = 0.8  # the student's own solutions: share of affected steps done the wrong way (tasks only)
+    misconception_levels: str = "3,4"  # levels whose student solutions carry it ("": all); fewer keep the teacher's arithmetic clean
     eval_n: int = 200  # held-out problems for the closing report
-    threads: int = 1  # torch threads; pinned because the result depends on it (BENCHMARKS.md §1); 0 = all
-    levels: str = ""  # task levels to train on, e.g. "1,2,3,4,5,6" (default: the task's pretrain levels)
+    threads: int = 2  # torch threads, pinned so that a machine builds the same model every time; 0 = all
+    levels: str = ""  # task levels to train on, e.g. "1,2,3,4,5" ("": the task's own, 1-4)
     hinted_only_levels: str = ""  # levels shown only with a hint: the student never practises them alone
 
     def validate(self):
         if self.task and self.data:
             raise ValueError("give --task or --data, not both")
-        for key in ("levels", "hinted_only_levels"):
+        for key in ("levels", "hinted_only_levels", "misconception_levels"):
             try:
                 _levels(getattr(self, key))
             except ValueError:
@@ -68,41 +84,67 @@ def _direct(rec: Record) -> str:
 
 
 def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: random.Random, task=None):
-    """(prompt_ids, completion_ids) pairs; a detour's given prefix goes on the prompt side, so it
-    carries no loss. The answer-first share differs by prompt type on
-    purpose: a model that has been told the answer is much more tempted to just state it, which is
-    the 'impossible knowledge' a privileged teacher can leak (see benchmarks/impossible_knowledge)."""
+    """(prompt_ids, completion_ids, unlearned positions) triples; a detour's slipped value is read
+    but carries no loss, so the teacher learns to copy the reference while on its path and to work
+    from the slip after it, never to slip. The answer-first share differs by prompt type on purpose: a model that has
+    been told the answer is much more tempted to just state it, which is the 'impossible
+    knowledge' a privileged teacher can leak (BENCHMARKS.md §3)."""
     out = []
     hinted_only = set(_levels(cfg.hinted_only_levels))
+    bug_levels = set(_levels(cfg.misconception_levels)) or {rec.level for rec in records}
+
+    def add(prompt: str, completion: str, unlearned: str = "", rest: str = ""):
+        """`completion` carries the loss, then `unlearned` is read but not learned (a slip the
+        model should not learn to make), then `rest` carries the loss again."""
+        ids = [tokenizer(t)["input_ids"] if t else [] for t in (completion, unlearned, rest)]
+        out.append((tokenizer(prompt)["input_ids"], ids[0] + ids[1] + ids[2] + [tokenizer.eos_token_id],
+                    range(len(ids[0]), len(ids[0]) + len(ids[1]))))
+
     for rec in records:
         u = rng.random()
         plain_frac = 0.0 if rec.level in hinted_only else cfg.plain_frac
-        if u < plain_frac:
-            prompt, direct = student_prompt(tokenizer, rec, TINY_TEMPLATES), cfg.direct_plain
-        elif u < plain_frac + (1 - plain_frac) * cfg.answer_hint_frac:
+        if u < plain_frac:  # the student, writing its own solution
+            rate = cfg.misconception if rec.level in bug_levels else 0.0
+            own = task.rewrite(rec.solution, "student", rng, rate) if task else rec.solution
+            prompt, completion, direct = student_prompt(tokenizer, rec, TINY_TEMPLATES), own, cfg.direct_plain
+        elif u < plain_frac + (1 - plain_frac) * cfg.answer_hint_frac:  # the teacher, told only the answer
             prompt = teacher_prompt(tokenizer, rec, TINY_TEMPLATES, hint_for(rec, "answer"))
-            direct = cfg.direct_answer_hint
-        else:
-            prompt, direct = teacher_prompt(tokenizer, rec, TINY_TEMPLATES, hint_for(rec, "solution")), 0.0
+            completion, direct = rec.solution, cfg.direct_answer_hint
+        else:  # the teacher, shown a full or terse reference
+            terse = task.rewrite(rec.solution, "terse") if task and rng.random() < cfg.terse_hint_frac else None
+            prompt = teacher_prompt(tokenizer, rec, TINY_TEMPLATES, terse or hint_for(rec, "solution"))
+            completion, direct = rec.solution, 0.0
             detour = task.detour(rec.solution, rng) if task and rng.random() < cfg.detour_frac else None
-            if detour:
-                out.append((tokenizer(prompt + detour[0])["input_ids"],
-                            tokenizer(detour[1])["input_ids"] + [tokenizer.eos_token_id]))
+            if detour:  # on the reference's path (copy it), a slip (not learned), then on from the slip
+                on_path, slipped = detour[0].rstrip("\n").rsplit("=", 1)
+                add(prompt, on_path + "=", slipped + "\n", detour[1])
                 continue
-        completion = _direct(rec) if rec.solution is None or rng.random() < direct else rec.solution
-        out.append((tokenizer(prompt)["input_ids"],
-                    tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]))
+        add(prompt, _direct(rec) if completion is None or rng.random() < direct else completion)
     return out
 
 
+def _batches(examples, size: int, rng: random.Random, pool: int = 8):
+    """Random batches, drawn `pool` at a time and formed from examples of similar length: the
+    examples seen are the same as with plain random batches, with far less padding (about half
+    the compute for the default mix of short and long examples)."""
+    while True:
+        drawn = sorted(rng.sample(examples, min(len(examples), size * pool)), key=lambda e: len(e[0]) + len(e[1]))
+        group = [drawn[i:i + size] for i in range(0, len(drawn), size)]
+        rng.shuffle(group)
+        yield from group
+
+
 def collate(examples, pad_id: int):
-    """Right-padded (ids, labels) with the loss only on completion tokens."""
-    width = max(len(p) + len(c) for p, c in examples)
+    """Right-padded (ids, labels) with the loss only on completion tokens, less each example's
+    unlearned positions."""
+    width = max(len(p) + len(c) for p, c, _ in examples)
     ids = torch.full((len(examples), width), pad_id)
     labels = torch.full((len(examples), width), -100)
-    for i, (p, c) in enumerate(examples):
+    for i, (p, c, unlearned) in enumerate(examples):
         ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        labels[i, len(p):len(p) + len(c)] = torch.tensor(c)
+        learned = torch.tensor(c)
+        learned[list(unlearned)] = -100
+        labels[i, len(p):len(p) + len(c)] = learned
     return ids, labels
 
 
@@ -135,7 +177,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
              + _direct(r) for r in records + eval_records]
     tokenizer = build_char_tokenizer(texts)
     examples = build_examples(records, cfg, tokenizer, rng, task)
-    max_len = max(len(p) + len(c) for p, c in examples)
+    max_len = max(len(p) + len(c) for p, c, _ in examples)
     model = build_tiny_model(len(tokenizer), cfg.d_model, cfg.n_layers, cfg.n_heads,
                              max_len=max(256, 2 * max_len), seed=cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -143,15 +185,16 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
         f"({'data ' + cfg.data if cfg.data else 'task ' + task.name}), budget {cfg.seconds:.0f}s")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
+    batches = _batches(examples, min(cfg.batch_size, len(examples)), rng)
     t0, step, warmup = time.time(), 0, 50
     bar = tqdm(total=cfg.max_steps, desc="pretrain", unit="step", dynamic_ncols=True)
-    while step < cfg.max_steps and time.time() - t0 < cfg.seconds:
+    while step < cfg.max_steps and not (cfg.seconds and time.time() - t0 >= cfg.seconds):
         # the schedule depends on the step only: a time-based one would make the model depend on
         # machine load (the `seconds` cap only stops a run that is far slower than expected)
         lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.max_steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        ids, labels = collate(rng.sample(examples, min(cfg.batch_size, len(examples))), tokenizer.pad_token_id)
+        ids, labels = collate(next(batches), tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -170,11 +213,43 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     teacher = evaluate(model, tokenizer, TINY_TEMPLATES, eval_records, hint="solution", **common)
     result = {"out": cfg.out, "params": n_params, "steps": step, "train_seconds": round(train_seconds, 1),
               "student_accuracy": student["accuracy"], "teacher_accuracy": teacher["accuracy"],
-              "student_leak_rate": student["leak_rate"], "eval_n": len(eval_records)}
+              "student_leak_rate": student["leak_rate"], "eval_n": len(eval_records),
+              "complete": step == cfg.max_steps}
     log(f"saved {cfg.out} after {step} steps in {train_seconds:.0f}s")
+    if step < cfg.max_steps:
+        log(f"WARNING: the time cap seconds={cfg.seconds:g} stopped pretraining after {step} of {cfg.max_steps} "
+            f"steps: this model is not the recipe's (recorded as \"complete\": false)")
     log(f"student pass@1 (greedy, no hint): {student['accuracy']:.1%}   "
         f"teacher pass@1 (greedy, solution hint): {teacher['accuracy']:.1%}   (n={len(eval_records)})")
+    result["band"] = band(student["accuracy"], teacher["accuracy"])
+    if not result["band"]["ok"]:
+        log(f"WARNING: {result['band']['message']}")
+    recipe = {k: v for k, v in asdict(cfg).items() if k != "out"}  # no machine's paths in what is shared
+    (Path(cfg.out) / "pretrain_config.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    (Path(cfg.out) / "pretrain_result.json").write_text(
+        json.dumps({k: v for k, v in result.items() if k != "out"}, indent=2) + "\n")
     return result
+
+
+STUDENT_BAND = (0.05, 0.40)  # held-out greedy pass@1 of the unaided student: room to learn, and something to start from
+TEACHER_MIN = 0.80  # the same model shown the full reference must mostly get it right
+
+
+def band(student: float, teacher: float) -> dict:
+    """Is this base a useful lab for privileged self-distillation, and if not, what to change."""
+    lo, hi = STUDENT_BAND
+    problems = []
+    if teacher < TEACHER_MIN:
+        problems.append(f"the teacher (shown the full reference) solves only {teacher:.1%} (< {TEACHER_MIN:.0%}): "
+                        f"it has not learned to use the reference; raise max_steps or d_model/n_layers")
+    if student < lo:
+        problems.append(f"the unaided student solves {student:.1%} (< {lo:.0%}): too little to learn from; "
+                        f"raise max_steps or plain_frac, or lower misconception")
+    elif student > hi:
+        problems.append(f"the unaided student already solves {student:.1%} (> {hi:.0%}): little room to learn; "
+                        f"raise misconception, or evaluate a harder level")
+    return {"ok": not problems, "student_band": list(STUDENT_BAND), "teacher_min": TEACHER_MIN,
+            "message": "; ".join(problems) or "in the lab's band"}
 
 
 def _max_new(records: list[Record]) -> int:

@@ -82,7 +82,8 @@ class Guide:
 
     model: object  # the teacher (often the same weights as the student)
     prompt_ids: list[list[int]]  # teacher prompts, one per row
-    rule: object  # (logp_S, logp_T) -> log q, from targets.make_rule
+    rule: object  # (logp_S, logp_T, logp_0) -> log q, from targets.make_rule
+    initial: tuple | None = None  # (initial model, student prompts) for rules that read p_0, once the student has moved
 
 
 class _Stream:
@@ -117,6 +118,8 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int
     streams = [_Stream(model, prompt_ids, pad_id, device)]
     if guide is not None:
         streams.append(_Stream(guide.model, guide.prompt_ids, pad_id, device))
+        if guide.initial is not None:
+            streams.append(_Stream(guide.initial[0], guide.initial[1], pad_id, device))
     B = len(prompt_ids)
     global_rows = global_rows or B
     stops = torch.tensor(stop_ids, device=device)
@@ -125,7 +128,8 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int
         logits, temp = streams[0].logits, temperature
         if guide is not None:  # the rule works on log-probs at the sampling temperature
             t = temperature if temperature > 0 else 1.0
-            logits = guide.rule(F.log_softmax(logits / t, -1), F.log_softmax(streams[1].logits / t, -1))
+            logp_0 = F.log_softmax(streams[2].logits / t, -1) if len(streams) > 2 else None
+            logits = guide.rule(F.log_softmax(logits / t, -1), F.log_softmax(streams[1].logits / t, -1), logp_0)
             temp = 1.0 if temperature > 0 else 0.0
         noise = None
         if seed is not None and temperature > 0:

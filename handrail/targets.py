@@ -1,8 +1,10 @@
 """Aggregation rules: the target `q = A(p_S, p_T)` the student is distilled towards.
 
-Each rule is a pure function `(logp_S, logp_T, **params) -> logq` over the last (vocabulary)
-dimension. Inputs may hold `-inf` and may be bf16; outputs are float32 log-probabilities. The
-target is a constant for the loss, so callers pass detached log-probs.
+Each rule is a pure function `(logp_S, logp_T, logp_0=None, **params) -> logq` over the last
+(vocabulary) dimension, where `logp_0` is the *initial* student (the weights training started
+from) on the same context, and None means the student has not moved yet (logp_0 = logp_S).
+Inputs may hold `-inf` and may be bf16; outputs are float32 log-probabilities. The target is a
+constant for the loss, so callers pass detached log-probs.
 
 Why aggregate at all: a teacher that has seen the answer puts mass on tokens the student cannot
 yet justify (the answer, before the work). Copying that mass teaches guessing. Each rule below
@@ -15,10 +17,22 @@ pull. What each guarantees, and the tests that check it (tests/test_targets.py):
 | trust-region  | q = p_S            | the x solving kl(x || eps) = delta; roughly (delta + ln 2)/ln(1/eps); and KL(q||p_S) <= delta always |
 | support       | q = p_S            | eps itself, if y is outside the student's top-p nucleus (true whenever eps < (1 - top_p) / V) |
 | none          | q = p_S            | no bound: q = p_T                                              |
+| considered    | q = p_S if p_S = p_0 | eps itself, whenever eps < tau, *at the fixed point too*      |
+| anchored      | q = p_0 if p_T = p_0 | the trust-region bound, measured from p_0, *at the fixed point too* |
+
+**Fixed points.** Training moves the student towards q and q is recomputed every step, so what
+a rule teaches in the end is its fixed point under "student := target", not one step's move.
+The first four rules only look at the current student; their fixed point is the teacher itself
+(e.g. trust-region walks there delta nats at a time), so with an answer-only hint every one of
+them teaches guessing (BENCHMARKS.md §3). `considered` and `anchored` measure from the initial
+student p_0, which does not move, so their target does not either: a token the student did not
+seriously consider when training began can never be handed over, however many steps pass
+(tests/test_targets.py iterates them to convergence).
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
@@ -38,18 +52,18 @@ def kl(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return (logq.exp() * (logq - logp)).sum(-1).clamp(min=0.0)
 
 
-def none(logp_S: torch.Tensor, logp_T: torch.Tensor) -> torch.Tensor:
+def none(logp_S: torch.Tensor, logp_T: torch.Tensor, logp_0=None) -> torch.Tensor:
     """Plain privileged distillation: copy the teacher."""
     return F.log_softmax(_finite(logp_T), -1)
 
 
-def geometric(logp_S: torch.Tensor, logp_T: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
+def geometric(logp_S: torch.Tensor, logp_T: torch.Tensor, logp_0=None, lam: float = 0.5) -> torch.Tensor:
     """log q ∝ (1 - lam) log p_S + lam log p_T. lam = 1/2 is the normalised geometric mean."""
     S, T = _finite(logp_S), _finite(logp_T)
     return F.log_softmax(S + lam * (T - S), -1)
 
 
-def trust_region(logp_S: torch.Tensor, logp_T: torch.Tensor, delta: float = 0.1,
+def trust_region(logp_S: torch.Tensor, logp_T: torch.Tensor, logp_0=None, delta: float = 0.1,
                  lam_max: float = 1.0, iters: int = 16) -> torch.Tensor:
     """The geometric family with lam chosen per position as the largest value in [0, lam_max]
     with KL(q || p_S) <= delta: the teacher may move the student by at most `delta` nats here.
@@ -79,7 +93,7 @@ def nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def support(logp_S: torch.Tensor, logp_T: torch.Tensor, top_p: float = 0.9) -> torch.Tensor:
+def support(logp_S: torch.Tensor, logp_T: torch.Tensor, logp_0=None, top_p: float = 0.9) -> torch.Tensor:
     """Inside the student's top-p nucleus, the teacher's preferences, rescaled to the mass the
     student gives the nucleus; outside it, the student unchanged. The teacher may reorder what
     the student seriously considers, and can never promote anything else."""
@@ -90,19 +104,47 @@ def support(logp_S: torch.Tensor, logp_T: torch.Tensor, top_p: float = 0.9) -> t
     return torch.where(keep, inside, S)
 
 
+def considered(logp_S: torch.Tensor, logp_T: torch.Tensor, logp_0=None, tau: float = 0.1) -> torch.Tensor:
+    """The teacher may only reorder what the initial student seriously considers: tokens with
+    p_0 >= tau (and p_0's own top token) get the teacher's preferences, rescaled to the mass p_0
+    gives them; every other token keeps p_0. The target does not depend on the current student,
+    so it is its own fixed point: a token below tau at the start stays at its initial probability,
+    whatever the teacher says, while the student's serious candidates follow the teacher."""
+    P0 = F.log_softmax(_finite(logp_S if logp_0 is None else logp_0), -1)
+    T = _finite(logp_T)
+    keep = (P0 >= math.log(tau)) | (P0 == P0.max(-1, keepdim=True).values)
+    log_mass = torch.logsumexp(P0.masked_fill(~keep, float("-inf")), -1, keepdim=True)
+    inside = F.log_softmax(T.masked_fill(~keep, float("-inf")), -1) + log_mass
+    return torch.where(keep, inside, P0)
+
+
+def anchored(logp_S: torch.Tensor, logp_T: torch.Tensor, logp_0=None, delta: float = 1.0,
+             lam_max: float = 1.0) -> torch.Tensor:
+    """The trust region around the *initial* student: the geometric mix of p_0 and p_T closest
+    to the teacher with KL(q || p_0) <= delta. A budget on cumulative movement, not a step size:
+    however long training runs, the student is pulled to at most delta nats from where it began."""
+    return trust_region(logp_S if logp_0 is None else logp_0, logp_T, delta=delta, lam_max=lam_max)
+
+
 RULES: dict[str, Callable[..., torch.Tensor]] = {
     "none": none,
     "geometric": geometric,
     "trust-region": trust_region,
     "support": support,
+    "considered": considered,
+    "anchored": anchored,
 }
+NEEDS_INITIAL = {"considered", "anchored"}  # rules that read logp_0: training computes the initial model's pass
 
 
 def make_rule(name: str, lam: float = 0.5, delta: float = 0.1, lam_max: float = 1.0,
-              top_p: float = 0.9) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+              top_p: float = 0.9, tau: float = 0.1) -> Callable[..., torch.Tensor]:
     """Bind a rule's own parameters from the flat training config."""
     params = {"none": {}, "geometric": {"lam": lam}, "trust-region": {"delta": delta, "lam_max": lam_max},
-              "support": {"top_p": top_p}}
+              "support": {"top_p": top_p}, "considered": {"tau": tau},
+              "anchored": {"delta": delta, "lam_max": lam_max}}
     if name not in RULES:
         raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
-    return partial(RULES[name], **params[name])
+    rule = partial(RULES[name], **params[name])
+    rule.needs_initial = name in NEEDS_INITIAL
+    return rule

@@ -12,8 +12,16 @@ has something to teach:
   uses a random one, so the student's path usually differs from the teacher's hint.
 
 Difficulty `level` is the number of operations. A **leak** is a completion that writes a final
-answer (`####`) before it has written the `level` step lines that justify one — the
-"impossible knowledge" a teacher who has seen the answer could hand over.
+answer (`####`) before its step lines have worked through the `level` operations that justify
+one — the "impossible knowledge" a teacher who has seen the answer could hand over. A step line
+may do several operations at once (`37+5-8=34`, how a *terse* reference is written).
+
+Each task also has a **misconception**: a step the pretrained student gets wrong by a fixed rule
+(`chain`: subtracting the smaller units digit from the larger instead of borrowing, 42-8=46;
+`sum`: forgetting the carry when adding a two-digit number, 37+15=42). `handrail pretrain`
+writes the student's own worked solutions with it at a set rate, so the lab's base is weak by
+construction (roughly: pass@1 <= (1 - share of affected steps)^level under greedy decoding),
+not by where training happened to stop, while the teacher, shown a reference, works correctly.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import re
 from dataclasses import dataclass
 
 ANSWER_MARK = "####"
-_STEP_RE = re.compile(r"^\s*(-?\d+)\s*([+\-])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
+_STEP_RE = re.compile(r"^\s*(-?\d+)((?:\s*[+\-]\s*\d+)+)\s*=\s*(-?\d+)\s*$")  # 37+5=42, 37+5-8=34
+_OP_RE = re.compile(r"([+\-])\s*(\d+)")
 
 
 @dataclass(frozen=True)
@@ -58,12 +67,30 @@ def _apply(acc: int, op: str, v: int) -> int:
     return acc + v if op == "+" else acc - v
 
 
+def _ops(step: re.Match) -> list[tuple[str, int]]:
+    return [(op, int(v)) for op, v in _OP_RE.findall(step.group(2))]
+
+
 def _parse_steps(solution: str) -> tuple[int, list[tuple[str, int]]] | None:
     """(start, [(op, operand), ...]) of a worked solution's step lines, or None if one is not a step."""
     steps = [_STEP_RE.match(line) for line in solution.splitlines()[:-1]]
     if not steps or not all(steps):
         return None
-    return int(steps[0].group(1)), [(m.group(2), int(m.group(3))) for m in steps]
+    return int(steps[0].group(1)), [o for m in steps for o in _ops(m)]
+
+
+def _lines(start: int, ops: list[tuple[str, int]], per_line: int = 1, bug=None, rng=None, bug_rate=0.0):
+    """Worked step lines and the final value; `per_line` operations per line (2: a terse solution).
+    With `bug`, each step it applies to is done its wrong way with probability `bug_rate`, and the
+    work continues from the wrong value (a student's consistent misconception)."""
+    lines, acc = [], start
+    for i in range(0, len(ops), per_line):
+        head, chunk = acc, ops[i:i + per_line]
+        for op, v in chunk:
+            wrong = bug(acc, op, v) if bug else None
+            acc = wrong if wrong is not None and rng.random() < bug_rate else _apply(acc, op, v)
+        lines.append(f"{head}" + "".join(f"{op}{v}" for op, v in chunk) + f"={acc}")
+    return lines, acc
 
 
 def answer_only_hint(answer: str) -> str:
@@ -110,12 +137,31 @@ class StepArithmeticTask:
         return answers_match(extract_answer(completion), answer)
 
     def leaked(self, completion: str, level: int) -> bool:
-        """True if a final answer is written before `level` step lines are."""
+        """True if a final answer is written before step lines have done `level` operations."""
         head = completion.split(ANSWER_MARK, 1)[0] if ANSWER_MARK in completion else None
         if head is None:
             return False
-        steps = sum(1 for line in head.splitlines() if _STEP_RE.match(line))
-        return steps < level
+        done = sum(len(_ops(m)) for m in map(_STEP_RE.match, head.splitlines()) if m)
+        return done < level
+
+    # -- how other writers write the same solution -----------------------------------------------
+    def misconception(self, acc: int, op: str, v: int) -> int | None:
+        """The student's wrong result for this step, or None where its misconception does not apply."""
+        return None
+
+    def rewrite(self, solution: str, style: str, rng: random.Random | None = None,
+                bug_rate: float = 0.0) -> str | None:
+        """The same problem's solution in another `style`: `full` (one operation per line), `terse`
+        (two per line, the intermediate results between them skipped) or `student` (full, with the
+        misconception applied to each step it affects with probability `bug_rate`). None if
+        `solution` is not a worked solution."""
+        parsed = _parse_steps(solution)
+        if parsed is None:
+            return None
+        start, ops = parsed
+        lines, acc = _lines(start, ops, per_line=2 if style == "terse" else 1,
+                            bug=self.misconception if style == "student" else None, rng=rng, bug_rate=bug_rate)
+        return "\n".join(lines + [f"{ANSWER_MARK} {acc}"])
 
     def detour(self, solution: str, rng: random.Random) -> tuple[str, str] | None:
         """An off-path completion for a hinted prompt: the worked solution with a slip in one
@@ -126,27 +172,19 @@ class StepArithmeticTask:
         parsed = _parse_steps(solution)
         if parsed is None:
             return None
-        acc, ops = parsed
+        start, ops = parsed
         k = rng.randrange(len(ops))
-        lines = []
-        for i, (op, v) in enumerate(ops):
-            new = _apply(acc, op, v)
-            if i == k:
-                new = max(0, new + rng.choice([-3, -2, -1, 1, 2, 3]))
-            lines.append(f"{acc}{op}{v}={new}")
-            acc = new
-        prefix = "\n".join(lines[:k + 1]) + "\n"
-        return prefix, "\n".join(lines[k + 1:] + [f"{ANSWER_MARK} {acc}"])
+        given, acc = _lines(start, ops[:k + 1])
+        head = given[-1].rsplit("=", 1)[0]
+        acc = max(0, acc + rng.choice([-3, -2, -1, 1, 2, 3]))
+        rest, final = _lines(acc, ops[k + 1:])
+        prefix = "\n".join(given[:-1] + [f"{head}={acc}"]) + "\n"
+        return prefix, "\n".join(rest + [f"{ANSWER_MARK} {final}"])
 
     @staticmethod
     def _worked(start: int, ops: list[tuple[str, int]]) -> tuple[str, int]:
-        lines, acc = [], start
-        for op, v in ops:
-            new = _apply(acc, op, v)
-            lines.append(f"{acc}{op}{v}={new}")
-            acc = new
-        lines.append(f"{ANSWER_MARK} {acc}")
-        return "\n".join(lines), acc
+        lines, acc = _lines(start, ops)
+        return "\n".join(lines + [f"{ANSWER_MARK} {acc}"]), acc
 
 
 class ChainTask(StepArithmeticTask):
@@ -154,6 +192,12 @@ class ChainTask(StepArithmeticTask):
 
     name = "chain"
     max_operand = 9
+
+    def misconception(self, acc, op, v):
+        """No borrowing: the smaller units digit is taken from the larger (42-8 -> 46)."""
+        if op == "-" and acc % 10 < v % 10 and v < 10:
+            return acc - acc % 10 + (v - acc % 10)
+        return None
 
     def make(self, rng: random.Random, level: int) -> Problem:
         start = rng.randint(10, 89)
@@ -174,6 +218,12 @@ class SumTask(StepArithmeticTask):
     """`sum 7 12 5 9` → add the numbers in any order. The reference uses a random order."""
 
     name = "sum"
+
+    def misconception(self, acc, op, v):
+        """Adding a two-digit number, the carry out of the units is forgotten (37+15 -> 42)."""
+        if op == "+" and v >= 10 and acc % 10 + v % 10 >= 10:
+            return acc + v - 10
+        return None
 
     def make(self, rng: random.Random, level: int) -> Problem:
         nums = [rng.randint(2, 19) for _ in range(level + 1)]

@@ -33,7 +33,7 @@ from handrail.bootstrap import FILE as BOOTSTRAP_FILE
 from handrail.bootstrap import bootstrap, needs_bootstrap
 from handrail.bootstrap import load as load_bootstrap
 from handrail.bootstrap import save as save_bootstrap
-from handrail.data import load_records, records_from_task
+from handrail.data import load_records, records_from_task, reference_answer
 from handrail.evaluate import evaluate, prompt_ids
 from handrail.models import HiddenStates, load_model, save_model, stop_ids
 from handrail.rollout import sample
@@ -48,12 +48,14 @@ class TrainConfig:
     data: str | None = None  # JSONL / Parquet / datasets folder of training records
     eval_data: str | None = None  # held-out records for `data` runs (default: none)
     method: str = "self-distill"  # self-distill | grpo | sft
-    rule: str = "trust-region"  # aggregation: trust-region | geometric | support | none
+    rule: str = "trust-region"  # aggregation (targets.py): trust-region | geometric | support | none | considered | anchored
     teacher: str = "frozen"  # frozen (initial weights) | live (current, no grad) | ema
     ema_decay: float = 0.95  # for teacher=ema
     hint: str = "solution"  # what the teacher sees: solution | answer
+    reference: str = "full"  # what training records carry: full (worked, the student's style) | terse (embedded tasks: intermediate results skipped) | answer (only the final answer)
     lam: float = 0.5  # geometric rule: weight of the teacher
-    delta: float = 1.0  # trust-region rule: max nats the teacher may move the student per token
+    delta: float = 1.0  # trust-region: max nats the teacher may move the student per token and step; anchored: from the initial student, in all
+    tau: float = 0.1  # considered: the initial student's probability above which the teacher may promote a token
     lam_max: float = 1.0  # trust-region rule: upper end of the lambda search
     support_top_p: float = 0.9  # support rule: the student's nucleus
     intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
@@ -62,7 +64,7 @@ class TrainConfig:
     gate_prob: float = 0.05  # divergence gate: a sampled token the teacher gives < this ends its say
     after_gate: str = "free"  # where the gate silences the teacher: free (no loss) | anchor (pull towards the initial model)
     rollouts: int = 8192  # budget: sampled student completions, all processes together (BENCHMARKS.md §2c)
-    bootstrap_k: int = 0  # answer-only records: samples per problem in a bootstrap stage first (0: off)
+    bootstrap_k: int = 4  # answer-only records: samples per problem in a bootstrap stage first (0: off; then the teacher sees the bare answer, which teaches guessing: BENCHMARKS.md §L3)
     bootstrap_rollouts: int = 0  # the bootstrap stage's share of `rollouts` (0: half of them)
     bootstrap_rollout: str = "student"  # bootstrap samples: student | guided (the teacher sees the answer)
     prompts_per_step: int = 16  # global prompts per step
@@ -75,6 +77,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     clip_eps: float = 0.2  # grpo: ratio clip
     kl_coef: float = 0.0  # grpo: weight of KL to the initial model (0 = no reference pass)
+    grpo_loss: str = "dapo"  # grpo: how token losses are averaged: dapo (over tokens) | grpo (per sequence) | dr_grpo (constant)
+    scale_rewards: bool = True  # grpo: divide advantages by the group's reward std (Dr. GRPO: false)
     chunk_size: int = 128  # sequence positions per loss chunk
     level: int | None = None  # task difficulty to train and evaluate on (default: task's post level)
     train_n: int = 2000  # training problems drawn from the task
@@ -116,14 +120,22 @@ class TrainConfig:
         if self.bootstrap_k and self.bootstrap_rollouts >= self.rollouts:
             raise ValueError(f"config key 'bootstrap_rollouts': {self.bootstrap_rollouts} leaves nothing of "
                              f"the budget rollouts={self.rollouts} for training")
+        if self.grpo_loss not in ("dapo", "grpo", "dr_grpo"):
+            raise ValueError(f"config key 'grpo_loss': unknown {self.grpo_loss!r}; choose dapo, grpo or dr_grpo")
         if self.hint not in ("solution", "answer"):
             raise ValueError(f"config key 'hint': unknown {self.hint!r}; choose solution or answer")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"config key 'reference': unknown {self.reference!r}; choose {', '.join(REFERENCES)}")
+        if self.reference == "terse" and self.data:
+            raise ValueError("config key 'reference': terse rewrites an embedded task's references; "
+                             "with --data, give terse solutions in the file")
 
     def aggregation_rule(self):
         """`rule` with its own parameters bound: (logp_S, logp_T) -> log q (targets.py)."""
         from handrail.targets import make_rule
 
-        return make_rule(self.rule, lam=self.lam, delta=self.delta, lam_max=self.lam_max, top_p=self.support_top_p)
+        return make_rule(self.rule, lam=self.lam, delta=self.delta, lam_max=self.lam_max, top_p=self.support_top_p,
+                         tau=self.tau)
 
     @property
     def rollouts_per_step(self) -> int:
@@ -209,8 +221,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         train_recs = _bootstrap_stage(cfg, acc, out, state, acc.unwrap_model(policy).lm, tokenizer, templates,
                                       train_recs, task, log)
     elif answer_only and cfg.hint == "solution":
-        log(f"{len(answer_only)} records have only an answer: '#### <answer>' stands in "
-            f"for their solution (set bootstrap_k to sample worked solutions first)")
+        log(f"{len(answer_only)} records have only an answer: '#### <answer>' stands in for their solution "
+            f"(bootstrap_k=0; a teacher shown a bare answer can teach the student to guess)")
     if len(train_recs) < cfg.prompts_per_step:
         raise ValueError(f"{len(train_recs)} training records, fewer than prompts_per_step="
                          f"{cfg.prompts_per_step}; lower prompts_per_step or add records")
@@ -282,15 +294,31 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     return summary
 
 
+REFERENCES = ("full", "terse", "answer")
+
+
 def _records(cfg: TrainConfig):
     if cfg.data:
         train_recs = load_records(cfg.data)
         eval_recs = load_records(cfg.eval_data) if cfg.eval_data else []
-        return None, train_recs, eval_recs
-    task = get_task(cfg.task or DEFAULT_TASK)
-    level = cfg.level or task.post_level
-    return (task, records_from_task(task.split("train", cfg.train_n, level, seed=cfg.seed)),
-            records_from_task(task.split("test", cfg.eval_n, level)) if cfg.eval_n else [])
+        task = None
+    else:
+        task = get_task(cfg.task or DEFAULT_TASK)
+        level = cfg.level or task.post_level
+        train_recs = records_from_task(task.split("train", cfg.train_n, level, seed=cfg.seed))
+        eval_recs = records_from_task(task.split("test", cfg.eval_n, level)) if cfg.eval_n else []
+    return task, [with_reference(r, cfg.reference, task) for r in train_recs], eval_recs
+
+
+def with_reference(rec, reference: str, task):
+    """The record as the scenario writes its reference: unchanged (full), terse (two operations
+    per line, the intermediate result between them skipped) or answer-only (the solution dropped,
+    the answer kept)."""
+    if reference == "answer":
+        return replace(rec, solution=None, answer=reference_answer(rec))
+    if reference == "terse":
+        return replace(rec, solution=task.rewrite(rec.solution, "terse") or rec.solution)
+    return rec
 
 
 def _bootstrap_stage(cfg, acc, out: Path, state: State, lm, tokenizer, templates, records, task, log):
@@ -308,7 +336,8 @@ def _bootstrap_stage(cfg, acc, out: Path, state: State, lm, tokenizer, templates
     _log(acc, out, {"step": 0, "rollouts": state.rollouts, "tokens": 0, "seconds": round(state.seconds, 2), **stats})
     if not solved:
         raise ValueError("bootstrap solved none of the answer-only problems; raise bootstrap_rollouts "
-                         "or bootstrap_k, or train with hint=answer")
+                         "or bootstrap_k, or set bootstrap_k=0 to show the teacher the bare answer "
+                         "(which can teach the student to guess)")
     return solved
 
 

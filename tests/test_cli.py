@@ -21,6 +21,12 @@ def test_pretrain_then_eval_json(tmp_path):
                  "n_layers=1", "n_problems=200", "eval_n=8")
     assert "student pass@1" in p.stdout and "teacher pass@1" in p.stdout
     assert (out / "config.json").exists() and (out / "handrail.json").exists()
+    # a 10-step model is far from the lab's band: the build says so, and what to change
+    result = json.loads((out / "pretrain_result.json").read_text())
+    assert result["band"]["ok"] is False and "raise max_steps" in result["band"]["message"]
+    assert "WARNING: the teacher (shown the full reference) solves only" in p.stdout
+    recipe = json.loads((out / "pretrain_config.json").read_text())
+    assert recipe["task"] == "sum" and "out" not in recipe  # shareable: no machine's paths
     res = json.loads(handrail("eval", "--model", str(out), "--task", "sum", "--n", "8",
                               "--samples", "2", "--json").stdout)
     assert {"accuracy", "accuracy_sampled", "leak_rate", "n"} <= set(res) and res["n"] == 8

@@ -20,7 +20,7 @@ def test_compare_writes_results_plot_and_table(tiny_model, tmp_path):
     p = run("compare", "--model", tiny_model, "--methods", "self-distill,grpo,sft,self-distill:none:guided",
             "--rollouts", "32", "--seeds", "2", "--out", str(out), "samples_per_step=8", "eval_points=2",
             "train=eval_n=8,max_new_tokens=24,level=2,train_n=64")
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text())["scenarios"]["full"]
     assert set(res["methods"]) == {"self-distill", "grpo", "sft", "self-distill:none:guided"}
     for r in res["methods"].values():
         assert len(r["runs"]) == 2
@@ -37,8 +37,26 @@ def test_compare_on_a_user_jsonl_task(tiny_model, tmp_path):
     run("compare", "--model", tiny_model, "--data", str(data), "--methods", "self-distill,sft", "--rollouts", "16",
         "--seeds", "1", "--out", str(out), "samples_per_step=8", "eval_points=1",
         f"train=eval_data={data},max_new_tokens=16")
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text())["scenarios"]["full"]
     assert res["methods"]["sft"]["runs"][0]["curve"][-1]["samples"] == 16
+
+
+def test_compare_runs_each_scenario_and_records_what_reproduces_it(tiny_model, tmp_path):
+    out = tmp_path / "cmp"
+    p = run("compare", "--model", tiny_model, "--methods", "self-distill:considered,sft", "--rollouts", "16",
+            "--seeds", "1", "--out", str(out), "samples_per_step=8", "eval_points=1",
+            "scenarios=full,terse,answer,hard", "train=eval_n=8,max_new_tokens=24,level=2,train_n=64")
+    res = json.loads((out / "results.json").read_text())["scenarios"]
+    assert list(res) == ["full", "terse", "answer", "hard"]
+    cfgs = {name: json.loads((out / name / "sft-s0" / "config.json").read_text()) for name in res}
+    assert cfgs["terse"]["reference"] == "terse" and cfgs["answer"]["reference"] == "answer"
+    assert cfgs["hard"]["level"] == 2  # an explicit level in train= wins over the scenario's
+    assert p.stdout.count("### scenario:") == 4
+    env = json.loads((out / "environment.json").read_text())
+    assert env["cpu_capability"] and env["torch"] and "base_pretrain_result" in env
+    bad = subprocess.run([sys.executable, "-m", "handrail.cli", "compare", "--model", tiny_model, "--out",
+                          str(tmp_path / "bad"), "--methods", "sft,nonsense"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nonsense" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_quick_demo(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 from handrail.objectives import (chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk,
                                  naive_sum)
-from handrail.targets import make_rule
+from handrail.targets import RULES, make_rule
 
 B, T, H, V = 3, 37, 16, 101
 
@@ -32,13 +32,14 @@ def run(summer, fn, args, **kw):
     return [o.detach() for o in out], hidden.grad.clone(), head.weight.grad.clone()
 
 
-@pytest.mark.parametrize("rule", ["trust-region", "support", "none", "geometric"])
+@pytest.mark.parametrize("rule", list(RULES))
 def test_chunked_distill_equals_naive(rule):
     head, head_T, hidden, hidden_T, mask, _ = setup()
     fn = distill_chunk(make_rule(rule))
-    kw = dict(extra_B_T_H=hidden_T, extra_head=head_T)
-    a = run(chunked_sum, fn, (head, hidden, mask), chunk_size=8, **kw)
-    b = run(naive_sum, fn, (head, hidden, mask), **kw)
+    hidden_0 = hidden + 0.3 * torch.randn(B, T, H, generator=torch.Generator().manual_seed(5))
+    kw = dict(refs=((hidden_T, head_T), (hidden_0, head)))
+    a = run(chunked_sum, fn, (head, hidden, mask, None), chunk_size=8, **kw)
+    b = run(naive_sum, fn, (head, hidden, mask, None), **kw)
     for x, y in zip(a[0], b[0]):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-4)
     assert torch.allclose(a[1], b[1], atol=1e-5)
@@ -62,8 +63,8 @@ def test_chunked_cross_entropy_and_pg_equal_naive():
 def test_no_gradient_reaches_the_teacher():
     head, head_T, hidden, hidden_T, mask, _ = setup(2)
     hidden_T.requires_grad_(True)
-    out = chunked_sum(distill_chunk(make_rule("none")), hidden.requires_grad_(True), head, mask,
-                      chunk_size=10, extra_B_T_H=hidden_T, extra_head=head_T)
+    out = chunked_sum(distill_chunk(make_rule("none")), hidden.requires_grad_(True), head, mask, None,
+                      chunk_size=10, refs=((hidden_T, head_T), None))
     out[0].backward()
     assert hidden_T.grad is None and head_T.weight.grad is None
 
@@ -83,3 +84,18 @@ def test_divergence_gate_keeps_tokens_up_to_the_first_unlikely_one():
     # gate=point keeps only the first divergent token; a row that never diverges gets no signal
     point = until_divergence(lp, mask, prob=0.05, only_at=True)
     assert point.tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]]
+
+
+def test_grpo_loss_variants_average_as_their_papers_say():
+    from handrail.methods import pg_token_weights
+
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 0, 0, 0]])  # a 4-token and a 1-token completion
+    loss_tok = torch.tensor([[1.0, 1, 1, 1], [4, 0, 0, 0]])
+    n_tok = mask.sum()
+
+    def loop_loss(kind):  # what train.py computes: sum(weight * loss) / global token count
+        return float((pg_token_weights(mask, kind, n_tok, 2, 8) * loss_tok * mask).sum() / n_tok)
+
+    assert loop_loss("dapo") == pytest.approx(8 / 5)  # every token alike
+    assert loop_loss("grpo") == pytest.approx((1 + 4) / 2)  # mean of the per-sequence means
+    assert loop_loss("dr_grpo") == pytest.approx(8 / (2 * 8))  # sum / (sequences x max_new_tokens)

@@ -111,3 +111,84 @@ def test_kl_gradient_is_p_minus_q():
 def test_unknown_rule_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown rule 'bogus'"):
         make_rule("bogus")
+
+
+# -- fixed points: iterate "student := target" until it stops moving -------------------------------
+def fixed_point(name, S0, T, iters=300, **params):
+    rule, S = make_rule(name, **params), S0
+    for _ in range(iters):
+        S = rule(S, T, S0)
+    return S, rule(S, T, S0)
+
+
+def guessing_case(eps=1e-3, seed=13):
+    """The initial student considers tokens 1 and 2 seriously and token 0 (the answer, before the
+    work) at eps; the teacher, who has seen the answer, puts nearly everything on token 0 and
+    prefers 2 over 1 among the rest."""
+    S0 = rand_logp(16, seed=seed).clone()
+    S0[:, 1], S0[:, 2] = math.log(0.5), math.log(0.3)
+    S0[:, 0] = -30.0
+    rest = S0[:, 3:].exp().sum(-1, keepdim=True)
+    S0[:, 3:] = (S0[:, 3:].exp() / rest * (0.2 - eps)).log()
+    S0[:, 0] = math.log(eps)
+    T = torch.full_like(S0, -12.0)
+    T[:, 0], T[:, 1], T[:, 2] = 5.0, -2.0, 0.0
+    return S0, T.log_softmax(-1)
+
+
+@pytest.mark.parametrize("name", ["trust-region", "geometric", "none", "support"])
+def test_per_step_rules_converge_to_the_teacher(name):
+    """Why the first four rules cannot block guessing: a guess the initial student makes 5% of
+    the time (inside its top-0.97 nucleus) becomes its mode at their fixed point."""
+    S0, T = guessing_case(eps=0.05)
+    S, _ = fixed_point(name, S0, T, iters=200, delta=1.0, top_p=0.97)
+    assert (S.exp()[:, 0] > 0.5).all()
+
+
+@pytest.mark.parametrize("eps", [1e-4, 1e-3, 0.05])
+def test_considered_keeps_unconsidered_tokens_at_the_fixed_point(eps):
+    tau = 0.1
+    S0, T = guessing_case(eps)
+    S, q = fixed_point("considered", S0, T, tau=tau)
+    assert torch.allclose(S, q, atol=1e-5)  # converged
+    assert (S.exp()[:, 0] <= eps * (1 + 1e-4)).all()  # never more than the initial student gave it
+    # the student's serious candidates are reordered to the teacher's preference (2 over 1), and
+    # together keep the mass the initial student gave them; the rest keep their initial mass
+    assert (S[:, 2] > S[:, 1]).all()
+    serious = S0.exp() >= tau
+    assert torch.allclose((S.exp() * serious).sum(-1), (S0.exp() * serious).sum(-1), atol=1e-4)
+    assert torch.allclose(S[~serious], S0[~serious], atol=1e-4)
+
+
+@pytest.mark.parametrize("delta", [0.1, 1.0])
+def test_anchored_bounds_unconsidered_tokens_at_the_fixed_point(delta):
+    eps = 1e-4
+    S0, T = guessing_case(eps)
+    S, q = fixed_point("anchored", S0, T, delta=delta)
+    assert torch.allclose(S, q, atol=1e-5)
+    assert (kl(S, S0) <= delta + 1e-4).all()  # a budget on the whole journey, not on one step
+    bound = (delta + math.log(2)) / math.log(1 / eps)
+    assert (S.exp()[:, 0] <= bound).all()
+    assert (S.exp()[:, 0] < 0.5).all()  # where trust-region (per step) ends above 0.5
+
+
+def test_considered_lets_the_teacher_decide_among_serious_candidates():
+    """A student that half-believes a wrong step (0.7) and half the right one (0.3): the teacher's
+    preference for the right one is adopted in full, since both were seriously considered."""
+    S0 = torch.full((1, V), -20.0)
+    S0[0, 0], S0[0, 1] = math.log(0.7), math.log(0.3)
+    S0 = S0.log_softmax(-1)
+    T = torch.full((1, V), -20.0)
+    T[0, 1] = 0.0
+    S, _ = fixed_point("considered", S0, T.log_softmax(-1), tau=0.1)
+    assert S.exp()[0, 1] > 0.99
+
+
+def test_rules_that_read_the_initial_student_fall_back_to_the_current_one():
+    """logp_0 = None means the student has not moved yet (decoding, the first step)."""
+    S, T = rand_logp(4, 6, seed=14), rand_logp(4, 6, seed=15)
+    for name in ("considered", "anchored"):
+        rule = make_rule(name)
+        assert rule.needs_initial
+        assert torch.allclose(rule(S, T), rule(S, T, S))
+    assert not make_rule("trust-region").needs_initial

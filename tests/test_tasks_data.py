@@ -40,6 +40,32 @@ def test_sum_task_has_several_solution_orders():
     assert sum(p.solution.split("+")[0] != p.prompt.split()[1] for p in problems) > 25  # mostly not prompt order
 
 
+def test_misconception_is_the_stated_rule_and_work_continues_from_it():
+    chain, sum_ = get_task("chain"), get_task("sum")
+    assert chain.misconception(42, "-", 8) == 46 and chain.misconception(48, "-", 2) is None
+    assert chain.misconception(42, "+", 8) is None
+    assert sum_.misconception(37, "+", 15) == 42 and sum_.misconception(37, "+", 5) is None
+    sol = "42-8=34\n34+5=39\n#### 39"
+    assert chain.rewrite(sol, "student", random.Random(0), 1.0) == "42-8=46\n46+5=51\n#### 51"
+    assert chain.rewrite(sol, "student", random.Random(0), 0.0) == sol
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_rewritten_references_verify_and_terse_ones_still_show_the_work(name):
+    task = get_task(name)
+    problems = task.split("test", 200)
+    for p in problems:
+        terse = task.rewrite(p.solution, "terse")
+        assert task.verify(terse, p.answer) and not task.leaked(terse, p.level)
+        assert len(terse.splitlines()) == -(-p.level // 2) + 1  # two operations per line
+        assert task.verify(task.rewrite(p.solution, "full"), p.answer)
+    # with the misconception always on, only problems it never touches stay right: the cap on
+    # the student's greedy accuracy that makes the default base weak by construction
+    right = sum(task.verify(task.rewrite(p.solution, "student", random.Random(0), 1.0), p.answer) for p in problems)
+    assert 0.05 * len(problems) < right < 0.40 * len(problems)
+    assert task.leaked("37+5-8=34\n#### 34", 4) and not task.leaked("37+5-8=34\n34+1-2=33\n#### 33", 4)
+
+
 def test_extract_answer():
     assert extract_answer("1+2=3\n#### 3\n") == "3"
     assert extract_answer("#### 1\n#### 2") == "2"
@@ -119,8 +145,45 @@ def test_hinted_only_levels_are_never_shown_to_the_student_alone():
     tok = build_char_tokenizer([r.text + r.solution + "[]#\n " for r in recs])
     cfg = PretrainConfig(hinted_only_levels="5", plain_frac=0.5)
     examples = build_examples(recs, cfg, tok, random.Random(0))
-    hinted = [("[" in tok.decode(p)) for p, _ in examples]
+    hinted = [("[" in tok.decode(p)) for p, _, _ in examples]
     assert all(hinted[40:])  # level 5: always a teacher prompt
     assert 5 < sum(hinted[:40]) < 35  # level 2: the usual mix
     with pytest.raises(ValueError, match="config key 'levels'"):
         PretrainConfig(levels="1,x").validate()
+
+
+def test_band_names_the_side_that_was_missed():
+    from handrail.pretrain import band
+
+    assert band(0.2, 0.9)["ok"]
+    assert "too little to learn from" in band(0.01, 0.9)["message"]
+    assert "little room to learn" in band(0.6, 0.9)["message"]
+    low_teacher = band(0.2, 0.5)
+    assert not low_teacher["ok"] and "teacher" in low_teacher["message"] and "max_steps" in low_teacher["message"]
+
+
+def test_pretraining_examples_teach_the_teacher_to_copy_on_path_and_work_from_a_slip():
+    """A detour example learns the reference's steps while on its path and the correct steps after
+    a slip, and never the slip itself; the student's own solutions carry the misconception."""
+    from handrail.data import records_from_task
+    from handrail.models import build_char_tokenizer
+    from handrail.pretrain import PretrainConfig, build_examples, collate
+
+    task = get_task("chain")
+    recs = records_from_task(task.split("train", 60, 4, seed=0))
+    tok = build_char_tokenizer([r.text + r.solution + "[]#\n " for r in recs])
+    detours = build_examples(recs, PretrainConfig(plain_frac=0, answer_hint_frac=0, terse_hint_frac=0,
+                                                  detour_frac=1.0), tok, random.Random(0), task)
+    for (p, c, unlearned), rec in zip(detours, recs):
+        text = tok.decode(c, skip_special_tokens=True)
+        slipped = tok.decode([c[i] for i in unlearned])
+        assert slipped.endswith("\n") and slipped.strip().isdigit()
+        head = tok.decode(c[:unlearned[0]])
+        assert rec.solution.startswith(head)  # everything learned before the slip is the reference
+        assert task.verify(text, str(int(text.rsplit("#### ", 1)[1]))) and text != rec.solution
+    _, labels = collate(detours[:1], tok.pad_token_id)
+    assert (labels[0] == -100).sum() == len(detours[0][0]) + len(detours[0][2])
+    plain = build_examples(recs, PretrainConfig(plain_frac=1.0, direct_plain=0.0, misconception=1.0,
+                                                misconception_levels="4"), tok, random.Random(0), task)
+    own = [tok.decode(c, skip_special_tokens=True) for _, c, _ in plain]
+    assert own == [task.rewrite(r.solution, "student", random.Random(0), 1.0) for r in recs]

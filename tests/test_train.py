@@ -34,7 +34,13 @@ def rows(out):
     dict(method="self-distill", rule="none", gate="divergence", gate_prob=0.5),
     dict(method="self-distill", rule="trust-region", gate="point", gate_prob=0.5, after_gate="anchor"),
     dict(method="self-distill", rule="trust-region", rollout="guided"),
+    dict(method="self-distill", rule="considered", rollout="guided", teacher="live"),  # a third KV cache: p_0
+    dict(method="self-distill", rule="anchored", reference="terse"),
+    dict(method="self-distill", rule="considered", reference="answer", bootstrap_k=0),
     dict(method="grpo", samples_per_prompt=4, prompts_per_step=4, kl_coef=0.05, rollouts=64),
+    dict(method="grpo", samples_per_prompt=4, prompts_per_step=4, grpo_loss="grpo", rollouts=64),
+    dict(method="grpo", samples_per_prompt=4, prompts_per_step=4, grpo_loss="dr_grpo", scale_rewards=False,
+         rollouts=64),
     dict(method="sft"),
 ])
 def test_each_method_runs_and_writes_a_run_folder(tiny_model, tmp_path, kw):
@@ -81,6 +87,33 @@ def test_anchor_is_silent_until_the_student_moves(tiny_model, tmp_path):
     live = rows(tmp_path / "live")
     assert live[0]["loss/total"] == pytest.approx(anchor[0]["loss/total"], rel=1e-4)
     assert live[0]["teacher/gated"] == anchor[0]["teacher/gated"]
+
+
+def test_rules_reading_the_initial_student_see_it_and_not_the_current_one(tiny_model, tmp_path):
+    """At step 1 the student is the initial model, so `anchored` equals `trust-region` there (same
+    delta); later the two differ, because one measures from p_0 and the other from the moved student."""
+    kw = dict(rollouts=24, gate="none", eval_every=0, eval_n=0, checkpoint_every=0, lr=3e-3)
+    train(cfg(tiny_model, tmp_path / "tr", rule="trust-region", **kw), log=lambda *_: None)
+    train(cfg(tiny_model, tmp_path / "an", rule="anchored", **kw), log=lambda *_: None)
+    tr, an = rows(tmp_path / "tr"), rows(tmp_path / "an")
+    assert an[0]["loss/total"] == pytest.approx(tr[0]["loss/total"], rel=1e-5)
+    assert an[2]["loss/total"] != pytest.approx(tr[2]["loss/total"], rel=1e-3)
+
+
+def test_reference_scenarios_change_what_the_records_carry():
+    from handrail.tasks import get_task
+    from handrail.train import _records
+
+    task = get_task("chain")
+    full = _records(TrainConfig(model="m", train_n=5, eval_n=0))[1]
+    terse = _records(TrainConfig(model="m", train_n=5, eval_n=0, reference="terse"))[1]
+    answer = _records(TrainConfig(model="m", train_n=5, eval_n=0, reference="answer"))[1]
+    assert [r.prompt for r in full] == [r.prompt for r in terse] == [r.prompt for r in answer]
+    assert all(len(t.solution.splitlines()) < len(f.solution.splitlines()) for f, t in zip(full, terse))
+    assert all(task.verify(t.solution, f.answer) for f, t in zip(full, terse))
+    assert all(a.solution is None and a.answer == f.answer for f, a in zip(full, answer))
+    with pytest.raises(ValueError, match="reference"):
+        TrainConfig(model="m", data="x.jsonl", reference="terse").validate()
 
 
 def test_resume_continues_exactly(tiny_model, tmp_path):

@@ -1,0 +1,66 @@
+"""A task that is not one of the embedded ones, written as a user would write JSONL records, to
+try the lab on user data (`pretrain --data`, `train --data`, `compare --data`).
+
+    python benchmarks/user_task.py --out /tmp/ut      # writes train.jsonl, test.jsonl, answers.jsonl
+
+Problems are sums of products, `7*3+4*6+2*5`, worked one product per line and then the additions:
+
+    7*3=21
+    4*6=24
+    2*5=10
+    21+24=45
+    45+10=55
+    #### 55
+
+`train.jsonl` has prompt, solution and answer; `answers.jsonl` the same problems with the answer
+only; `test.jsonl` held-out problems (disjoint prompts).
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+def problem(rng: random.Random, terms: int) -> dict:
+    pairs = [(rng.randint(2, 9), rng.randint(2, 9)) for _ in range(terms)]
+    products = [a * b for a, b in pairs]
+    lines = [f"{a}*{b}={a * b}" for a, b in pairs]
+    acc = products[0]
+    for p in products[1:]:
+        lines.append(f"{acc}+{p}={acc + p}")
+        acc += p
+    prompt = "+".join(f"{a}*{b}" for a, b in pairs)
+    return {"prompt": prompt, "solution": "\n".join(lines + [f"#### {acc}"]), "answer": str(acc)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--train", type=int, default=4000)
+    ap.add_argument("--test", type=int, default=200)
+    ap.add_argument("--terms", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    rng = random.Random(a.seed)
+    test, seen = [], set()
+    while len(test) < a.test:
+        p = problem(rng, a.terms)
+        if p["prompt"] not in seen:
+            seen.add(p["prompt"])
+            test.append(p)
+    train = []
+    while len(train) < a.train:
+        p = problem(rng, rng.choice(range(1, a.terms + 1)))
+        if p["prompt"] not in seen:
+            train.append(p)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("test", test),
+                       ("answers", [{"prompt": r["prompt"], "answer": r["answer"]} for r in train])):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {len(train)} training and {len(test)} test problems to {out}")
+
+
+if __name__ == "__main__":
+    main()
