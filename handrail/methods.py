@@ -187,11 +187,11 @@ class GRPO(Method):
                                device=rollout.completion_ids.device)
         every = acc.gather(rewards)  # groups may straddle processes
         groups = every.view(-1, self.cfg.samples_per_prompt)
-        adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True, unbiased=False) + 1e-4))
+        adv = groups - groups.mean(1, keepdim=True)
+        if self.cfg.scale_rewards:
+            adv = adv / (groups.std(1, keepdim=True, unbiased=False) + 1e-4)
         per = len(records)
         adv = adv.flatten()[acc.process_index * per:(acc.process_index + 1) * per]
-        if not self.cfg.scale_rewards:
-            adv = (groups - groups.mean(1, keepdim=True)).flatten()[acc.process_index * per:(acc.process_index + 1) * per]
         mask = rollout.completion_mask
         weight = pg_token_weights(mask, self.cfg.grpo_loss, acc.reduce(mask.sum(), "sum"),
                                   len(records) * acc.num_processes, self.cfg.max_new_tokens)

@@ -115,9 +115,12 @@ def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: r
             prompt = teacher_prompt(tokenizer, rec, TINY_TEMPLATES, terse or hint_for(rec, "solution"))
             completion, direct = rec.solution, 0.0
             detour = task.detour(rec.solution, rng) if task and rng.random() < cfg.detour_frac else None
-            if detour:  # on the reference's path (copy it), a slip (not learned), then on from the slip
+            if detour and detour[0]:  # on the reference's path (copy it), a slip (not learned), then on from the slip
                 on_path, slipped = detour[0].rstrip("\n").rsplit("=", 1)
                 add(prompt, on_path + "=", slipped + "\n", detour[1])
+                continue
+            if detour:  # a valid path of its own from the start (sum: another order)
+                add(prompt, detour[1])
                 continue
         add(prompt, _direct(rec) if completion is None or rng.random() < direct else completion)
     return out
@@ -221,7 +224,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
             f"steps: this model is not the recipe's (recorded as \"complete\": false)")
     log(f"student pass@1 (greedy, no hint): {student['accuracy']:.1%}   "
         f"teacher pass@1 (greedy, solution hint): {teacher['accuracy']:.1%}   (n={len(eval_records)})")
-    result["band"] = band(student["accuracy"], teacher["accuracy"])
+    result["band"] = band(student["accuracy"], teacher["accuracy"], task is not None)
     if not result["band"]["ok"]:
         log(f"WARNING: {result['band']['message']}")
     recipe = {k: v for k, v in asdict(cfg).items() if k != "out"}  # no machine's paths in what is shared
@@ -235,8 +238,9 @@ STUDENT_BAND = (0.05, 0.40)  # held-out greedy pass@1 of the unaided student: ro
 TEACHER_MIN = 0.80  # the same model shown the full reference must mostly get it right
 
 
-def band(student: float, teacher: float) -> dict:
-    """Is this base a useful lab for privileged self-distillation, and if not, what to change."""
+def band(student: float, teacher: float, task: bool = True) -> dict:
+    """Is this base a useful lab for privileged self-distillation, and if not, what to change
+    (`task`: built on an embedded task, which has a misconception to tune, not a data file)."""
     lo, hi = STUDENT_BAND
     problems = []
     if teacher < TEACHER_MIN:
@@ -244,10 +248,11 @@ def band(student: float, teacher: float) -> dict:
                         f"it has not learned to use the reference; raise max_steps or d_model/n_layers")
     if student < lo:
         problems.append(f"the unaided student solves {student:.1%} (< {lo:.0%}): too little to learn from; "
-                        f"raise max_steps or plain_frac, or lower misconception")
+                        f"raise max_steps or plain_frac" + (", or lower misconception" if task else ""))
     elif student > hi:
         problems.append(f"the unaided student already solves {student:.1%} (> {hi:.0%}): little room to learn; "
-                        f"raise misconception, or evaluate a harder level")
+                        + ("raise misconception, or evaluate a harder level" if task else
+                           "evaluate on harder held-out records (eval_data= in train), or lower max_steps"))
     return {"ok": not problems, "student_band": list(STUDENT_BAND), "teacher_min": TEACHER_MIN,
             "message": "; ".join(problems) or "in the lab's band"}
 

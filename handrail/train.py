@@ -18,6 +18,7 @@ batch of B reproduce one process at B.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -90,6 +91,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate)
     log_with: str | None = None  # accelerate tracker: tensorboard | wandb | ... (metrics.jsonl always)
     threads: int = 0  # torch threads per process (0 = leave as is)
+    max_nonfinite: int = 3  # a non-finite loss or gradient skips the step; this many in a row stop the run
 
     def validate(self):
         from handrail.methods import METHODS
@@ -151,6 +153,12 @@ class State:
     bootstrap_rollouts: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    nonfinite_steps: int = 0  # steps skipped because their loss or gradient was not finite
+    nonfinite_run: int = 0  # of which in a row, up to now
+
+
+class NonFinite(RuntimeError):
+    """Training produced non-finite numbers too often to go on."""
 
 
 def _slice(n: int, rank: int, world: int) -> slice:
@@ -259,9 +267,18 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         loss_sum, metrics = method.loss(acc.unwrap_model(policy).head, hidden, rollout, signal)
         acc.backward(loss_sum * acc.num_processes / max(n_tokens, 1.0))
         grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        opt.step()
+        finite = bool(torch.isfinite(loss_sum.detach()) and torch.isfinite(torch.as_tensor(grad_norm)))
+        if finite:  # a non-finite step would write NaN into every weight: skip it instead
+            opt.step()
+            method.after_step(acc.unwrap_model(policy).lm)
+            state.nonfinite_run = 0
+        else:
+            state.nonfinite_steps += 1
+            state.nonfinite_run += 1
         opt.zero_grad(set_to_none=True)
-        method.after_step(acc.unwrap_model(policy).lm)
+        if state.nonfinite_run >= cfg.max_nonfinite:
+            raise NonFinite(f"{state.nonfinite_run} steps in a row had a non-finite loss or gradient (step "
+                            f"{state.step + 1}; lr={cfg.lr:g}); stopped, and the last good checkpoint in {out} is kept")
 
         # 5. log, evaluate, checkpoint
         state.step += 1
@@ -272,6 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         row = {"step": state.step, "rollouts": state.rollouts, "bootstrap_rollouts": state.bootstrap_rollouts,
                "tokens": state.tokens, "seconds": round(state.seconds, 2), "time/step_s": round(time.time() - t0, 3),
                "loss/total": sums[0].item() / max(n_tokens, 1.0), "loss/grad_norm": float(grad_norm),
+               "nonfinite_steps": state.nonfinite_steps,
                **{k: v.item() / max(n_tokens, 1.0) for k, v in zip(metrics, sums[1:])},
                **method.step_metrics(signal)}
         last = state.step == total_steps
@@ -286,6 +304,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     bar.close()
     final = out / "model"
     if acc.is_main_process:
+        _check_finite(acc.unwrap_model(policy).lm, out)
         save_model(acc.unwrap_model(policy).lm, tokenizer, final, templates)
     acc.wait_for_everyone()
     acc.end_training()
@@ -360,10 +379,14 @@ def _resolve_logged(cfg: TrainConfig, records, log) -> None:
         raise ValueError(f"config key 'rollout': {cfg.rollout} cannot be used with logged conversations")
 
 
+def _finite_or_none(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _log(acc, out: Path, row: dict) -> None:
-    if acc.is_main_process:
+    if acc.is_main_process:  # strict JSON: a non-finite number is written as null
         with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
     acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
 
 
@@ -378,6 +401,7 @@ def _checkpoint_dir(out: Path) -> Path | None:
 def _save_checkpoint(acc, out: Path, policy, opt, method, state: State, tokenizer, templates) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
+        _check_finite(acc.unwrap_model(policy).lm, out)
         tmp, good, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(acc.unwrap_model(policy).lm, tokenizer, tmp / "model", templates)
@@ -390,6 +414,15 @@ def _save_checkpoint(acc, out: Path, policy, opt, method, state: State, tokenize
         os.replace(tmp, good)
         shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
+
+
+def _check_finite(lm, out: Path) -> None:
+    """Never save a model with a NaN or infinite weight (a finite step with a huge learning rate
+    can make one)."""
+    bad = next((name for name, p in lm.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise NonFinite(f"weight {bad!r} is no longer finite (learning rate too high?); nothing saved, "
+                        f"and the last good checkpoint in {out} is kept")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

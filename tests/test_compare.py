@@ -45,7 +45,7 @@ def test_compare_runs_each_scenario_and_records_what_reproduces_it(tiny_model, t
     out = tmp_path / "cmp"
     p = run("compare", "--model", tiny_model, "--methods", "self-distill:considered,sft", "--rollouts", "16",
             "--seeds", "1", "--out", str(out), "samples_per_step=8", "eval_points=1",
-            "scenarios=full,terse,answer,hard", "train=eval_n=8,max_new_tokens=24,level=2,train_n=64")
+            "scenarios=full,terse,answer,hard", "train=eval_n=8,max_new_tokens=24,level=2,train_n=64,bootstrap_k=0")
     res = json.loads((out / "results.json").read_text())["scenarios"]
     assert list(res) == ["full", "terse", "answer", "hard"]
     cfgs = {name: json.loads((out / name / "sft-s0" / "config.json").read_text()) for name in res}
@@ -72,5 +72,8 @@ def test_efficiency_ratio_cases():
 
     assert efficiency_ratio(res([0.1, 0.2, 0.3, 0.4], [0.1, 0.4, 0.4, 0.5]))["ratio"] == 3.0
     assert efficiency_ratio(res([0.1, 0.2], [0.1, 0.15]))["ratio"] is None
+    # the target is GRPO's best, not its last: a GRPO that peaks and falls still defines one
+    assert efficiency_ratio(res([0.1, 0.3, 0.2], [0.1, 0.3, 0.4]))["ratio"] == 1.0
+    assert efficiency_ratio(res([0.1, 0.05], [0.1, 0.4]))["sd_rollouts"] == 0
     assert "never reached" in efficiency_ratio(res([0.1, 0.2], [0.1, 0.15]))["message"]
     assert samples_to_reach([(0, 0.1), (16, 0.3)], 0.3) == 16

@@ -158,6 +158,8 @@ def test_band_names_the_side_that_was_missed():
     assert band(0.2, 0.9)["ok"]
     assert "too little to learn from" in band(0.01, 0.9)["message"]
     assert "little room to learn" in band(0.6, 0.9)["message"]
+    assert "misconception" not in band(0.6, 0.9, task=False)["message"]  # a data file has none to tune
+    assert "harder held-out records" in band(0.6, 0.9, task=False)["message"]
     low_teacher = band(0.2, 0.5)
     assert not low_teacher["ok"] and "teacher" in low_teacher["message"] and "max_steps" in low_teacher["message"]
 
@@ -187,3 +189,19 @@ def test_pretraining_examples_teach_the_teacher_to_copy_on_path_and_work_from_a_
                                                 misconception_levels="4"), tok, random.Random(0), task)
     own = [tok.decode(c, skip_special_tokens=True) for _, c, _ in plain]
     assert own == [task.rewrite(r.solution, "student", random.Random(0), 1.0) for r in recs]
+
+
+def test_sum_detours_include_other_orders_and_slips():
+    from handrail.data import records_from_task
+    from handrail.models import build_char_tokenizer
+    from handrail.pretrain import PretrainConfig, build_examples
+
+    task = get_task("sum")
+    recs = records_from_task(task.split("train", 40, 3, seed=0))
+    tok = build_char_tokenizer([r.text + r.solution + "[]#\n " for r in recs])
+    ex = build_examples(recs, PretrainConfig(plain_frac=0, answer_hint_frac=0, terse_hint_frac=0, detour_frac=1.0),
+                        tok, random.Random(0), task)
+    kinds = {bool(unlearned) for _, _, unlearned in ex}
+    assert kinds == {True, False}  # slips (with an unlearned value) and other orders (all learned)
+    for (_, c, _), rec in zip(ex, recs):
+        assert task.verify(tok.decode(c, skip_special_tokens=True), tok.decode(c, skip_special_tokens=True).rsplit("#### ", 1)[1])

@@ -92,7 +92,7 @@ def test_anchor_is_silent_until_the_student_moves(tiny_model, tmp_path):
 def test_rules_reading_the_initial_student_see_it_and_not_the_current_one(tiny_model, tmp_path):
     """At step 1 the student is the initial model, so `anchored` equals `trust-region` there (same
     delta); later the two differ, because one measures from p_0 and the other from the moved student."""
-    kw = dict(rollouts=24, gate="none", eval_every=0, eval_n=0, checkpoint_every=0, lr=3e-3)
+    kw = dict(rollouts=24, gate="none", eval_every=0, eval_n=0, checkpoint_every=0, lr=3e-2, delta=0.001)
     train(cfg(tiny_model, tmp_path / "tr", rule="trust-region", **kw), log=lambda *_: None)
     train(cfg(tiny_model, tmp_path / "an", rule="anchored", **kw), log=lambda *_: None)
     tr, an = rows(tmp_path / "tr"), rows(tmp_path / "an")
@@ -155,3 +155,57 @@ def test_a_fresh_run_never_mixes_with_an_old_one(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="already holds a run.*--resume"):
         train(cfg(tiny_model, tmp_path / "r", rollouts=16), log=lambda *_: None)
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_a_run_that_blows_up_stops_and_never_saves_nan(tiny_model, tmp_path):
+    """lr=1e30 makes the first update's weights infinite: the run stops with a clear error, no
+    checkpoint or final model with a non-finite weight exists, and metrics stay strict JSON."""
+    from handrail.train import NonFinite
+
+    out = tmp_path / "r"
+    with pytest.raises(NonFinite, match="no longer finite|non-finite"):
+        train(cfg(tiny_model, out, lr=1e30, rollouts=64, checkpoint_every=1, eval_every=0), log=lambda *_: None)
+    assert not (out / "model").exists()
+    if (out / "checkpoint").exists():
+        w = weights(out / "checkpoint" / "model")
+        assert all(torch.isfinite(t).all() for t in w.values())
+    for line in open(out / "metrics.jsonl"):
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+
+def test_a_base_with_a_nan_weight_is_refused(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from handrail.models import ModelError, load_model
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    w = weights(bad)
+    name = next(iter(w))
+    w[name] = w[name].clone()
+    w[name].view(-1)[0] = float("nan")
+    save_file(w, str(bad / "model.safetensors"))
+    with pytest.raises(ModelError, match="NaN or infinite"):
+        load_model(str(bad))
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tiny_model, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "r"
+    args = [sys.executable, "-m", "handrail.cli", "train", "--model", tiny_model, "--out", str(out), "--rollouts",
+            "4000", "prompts_per_step=8", "max_new_tokens=24", "eval_n=0", "train_n=64", "level=2",
+            "checkpoint_every=2", "threads=1"]
+    p = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for _ in range(600):  # until the first checkpoint exists
+        if (out / "checkpoint" / "state.json").exists():
+            break
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err
+    step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert step >= 2
