@@ -11,6 +11,7 @@ out of training. Every completion sampled here counts in the run's rollout budge
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -40,7 +41,8 @@ def bootstrap(lm, tokenizer, templates, records: list[Record], task, cfg, acc, l
     k, per_batch = cfg.bootstrap_k, cfg.prompts_per_step
     pending = pending[:cfg.bootstrap_rollouts // k]
     stops, kept, used = stop_ids(tokenizer), {}, 0
-    bar = tqdm(total=len(pending) * k, desc="bootstrap", unit="sample", disable=not acc.is_main_process,
+    bar = tqdm(total=len(pending) * k, desc="bootstrap", unit="sample",
+               disable=not acc.is_main_process or bool(os.environ.get("HANDRAIL_NO_BAR")),
                dynamic_ncols=True)
     was_training = lm.training
     lm.eval()

@@ -148,7 +148,7 @@ def _quiet_worker() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HANDRAIL_NO_BAR"] = "1"
 
 
 def _train_all(cfg: CompareConfig, todo: dict, log) -> dict:

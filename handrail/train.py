@@ -236,7 +236,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                          f"{cfg.prompts_per_step}; lower prompts_per_step or add records")
     total_steps = (cfg.rollouts - state.bootstrap_rollouts) // cfg.rollouts_per_step
     bar = tqdm(total=total_steps, initial=state.step, desc=f"train {cfg.method}", unit="step",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+               disable=not acc.is_main_process or bool(os.environ.get("HANDRAIL_NO_BAR")), dynamic_ncols=True)
 
     while state.step < total_steps:
         t0 = time.time()
