@@ -73,8 +73,9 @@ def main():
                 print(json.dumps({k: rows[-1][k] for k in ("seed", "isa", "cpu_capability", "student_accuracy",
                                                            "teacher_accuracy", "hard_student", "hard_teacher",
                                                            "probe_consistent", "wall_seconds")}), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"overrides": a.overrides, "builds": rows}, indent=2) + "\n")
+                # written after every build, so a long matrix cut short keeps what it measured
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.out).write_text(json.dumps({"overrides": a.overrides, "builds": rows}, indent=2) + "\n")
     print("\n| ISA (torch reports) | seed | student | teacher | too-hard student | too-hard teacher | probe consistent | in band | build wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
