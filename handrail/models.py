@@ -69,10 +69,15 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
             del model.config.quantization_config
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    bad = nonfinite_weight(model)
     if bad is not None:
         raise ModelError(f"model {spec}: weight {bad!r} holds NaN or infinite values")
     return model.to(device).eval(), tokenizer, templates_for(path if path.is_dir() else None, tokenizer)
+
+
+def nonfinite_weight(model) -> str | None:
+    """The name of the first parameter holding a NaN or infinite value, or None."""
+    return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
 
 
 def resolve(spec: str) -> Path:

@@ -36,7 +36,7 @@ from handrail.bootstrap import load as load_bootstrap
 from handrail.bootstrap import save as save_bootstrap
 from handrail.data import load_records, records_from_task, reference_answer
 from handrail.evaluate import evaluate, prompt_ids
-from handrail.models import HiddenStates, load_model, save_model, stop_ids
+from handrail.models import HiddenStates, load_model, nonfinite_weight, save_model, stop_ids
 from handrail.rollout import sample
 from handrail.tasks import DEFAULT_TASK, get_task
 
@@ -419,7 +419,7 @@ def _save_checkpoint(acc, out: Path, policy, opt, method, state: State, tokenize
 def _check_finite(lm, out: Path) -> None:
     """Never save a model with a NaN or infinite weight (a finite step with a huge learning rate
     can make one)."""
-    bad = next((name for name, p in lm.named_parameters() if not torch.isfinite(p).all()), None)
+    bad = nonfinite_weight(lm)
     if bad is not None:
         raise NonFinite(f"weight {bad!r} is no longer finite (learning rate too high?); nothing saved, "
                         f"and the last good checkpoint in {out} is kept")
