@@ -2,7 +2,7 @@
 plain (student-template) and hinted (teacher-template) examples of a task or a data file.
 
 The default recipe leaves room to learn *by construction*, not by stopping training at the right
-moment (BENCHMARKS.md §1):
+moment (BENCHMARKS.md §L1):
 
 - the student's own worked solutions carry the task's misconception at a fixed rate
   (`misconception`; tasks.py), so under greedy decoding the student gets every affected step wrong
@@ -48,7 +48,7 @@ class PretrainConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    seed: int = 1  # the recipe's band holds over seeds and CPU instruction sets (BENCHMARKS.md §1)
+    seed: int = 1  # seeds 1-3 x three CPU instruction sets: 8 of 9 builds in the band (BENCHMARKS.md §L1)
     n_problems: int = 20000  # training problems drawn from the task (per level mix)
     plain_frac: float = 0.5  # share of plain student-prompt examples (rest are hinted)
     answer_hint_frac: float = 0.2  # share of hinted examples whose hint is only the final answer
@@ -88,7 +88,7 @@ def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: r
     but carries no loss, so the teacher learns to copy the reference while on its path and to work
     from the slip after it, never to slip. The answer-first share differs by prompt type on purpose: a model that has
     been told the answer is much more tempted to just state it, which is the 'impossible
-    knowledge' a privileged teacher can leak (BENCHMARKS.md §3)."""
+    knowledge' a privileged teacher can leak (BENCHMARKS.md §L3)."""
     out = []
     hinted_only = set(_levels(cfg.hinted_only_levels))
     bug_levels = set(_levels(cfg.misconception_levels)) or {rec.level for rec in records}
@@ -185,7 +185,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
                              max_len=max(256, 2 * max_len), seed=cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"pretraining a {n_params / 1e6:.2f}M-parameter model on {len(examples)} examples "
-        f"({'data ' + cfg.data if cfg.data else 'task ' + task.name}), budget {cfg.seconds:.0f}s")
+        f"({'data ' + cfg.data if cfg.data else 'task ' + task.name}), {cfg.max_steps} steps")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
     batches = _batches(examples, min(cfg.batch_size, len(examples)), rng)

@@ -165,10 +165,11 @@ class StepArithmeticTask:
 
     def detour(self, solution: str, rng: random.Random) -> tuple[str, str] | None:
         """An off-path completion for a hinted prompt: the worked solution with a slip in one
-        step's result, then continued *consistently from the slip*. Returns (given prefix,
-        continuation). Pretraining on the continuation only teaches the teacher what a capable
-        teacher does: use the hint while the student is on it, and otherwise work from what the
-        student actually wrote instead of copying the reference's numbers."""
+        step's result, then continued *consistently from the slip*. Returns (given prefix, ending
+        with the slipped line, and continuation). Pretraining learns the prefix up to the slip and
+        the continuation, never the slipped value (pretrain.build_examples), which teaches what a
+        capable teacher does: use the hint while the student is on it, and otherwise work from what
+        the student actually wrote instead of copying the reference's numbers."""
         parsed = _parse_steps(solution)
         if parsed is None:
             return None
