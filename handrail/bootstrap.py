@@ -11,17 +11,16 @@ out of training. Every completion sampled here counts in the run's rollout budge
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from handrail.data import Record
 from handrail.evaluate import is_correct, is_leak, prompt_ids
 from handrail.models import stop_ids
 from handrail.rollout import Guide, sample
+from handrail.run import progress
 
 FILE = "bootstrap.jsonl"  # in the run folder: the solutions kept, one record per line
 
@@ -41,9 +40,7 @@ def bootstrap(lm, tokenizer, templates, records: list[Record], task, cfg, acc, l
     k, per_batch = cfg.bootstrap_k, cfg.prompts_per_step
     pending = pending[:cfg.bootstrap_rollouts // k]
     stops, kept, used = stop_ids(tokenizer), {}, 0
-    bar = tqdm(total=len(pending) * k, desc="bootstrap", unit="sample",
-               disable=not acc.is_main_process or bool(os.environ.get("HANDRAIL_NO_BAR")),
-               dynamic_ncols=True)
+    bar = progress(len(pending) * k, "bootstrap", "sample", show=acc.is_main_process)
     was_training = lm.training
     lm.eval()
     for b, start in enumerate(range(0, len(pending), per_batch)):

@@ -13,6 +13,26 @@ import sys
 from handrail import config as C
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage block), like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _count(low: int):
+    """An argparse type: a whole number >= `low`, named in the error by argparse."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {value}")
+        return value
+    return parse
+
+
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", required=True, help="HF folder or hub id, a .gguf file, or 'smollm2'")
@@ -26,18 +46,26 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 def cmd_pretrain(a) -> int:
     from handrail.pretrain import PretrainConfig, pretrain
 
+    from handrail.run import check_out
+
     cfg = C.build(PretrainConfig, a.config, a.overrides, out=a.out, task=a.task, data=a.data, seed=a.seed)
+    check_out(cfg.out)
     pretrain(cfg)  # writes pretrain_config.json and pretrain_result.json beside the model
     return 0
 
 
 def cmd_eval(a) -> int:
-    from handrail.evaluate import evaluate
+    from handrail.evaluate import evaluate, fit_records, positions
     from handrail.models import load_model
     from handrail.run import eval_records
 
-    model, tokenizer, templates = load_model(a.model)
+    if a.overrides or a.config:  # eval has flags only: refuse what it would otherwise ignore
+        raise C.ConfigError(f"{a.overrides[0] if a.overrides else '--config'}: eval takes flags only "
+                            f"(see handrail eval --help), not config keys")
     task, records = eval_records(a.task, a.data, a.level, a.n)
+    model, tokenizer, templates = load_model(a.model)
+    limit = positions(model)
+    records = fit_records(tokenizer, records, templates, limit and limit - a.max_new_tokens, a.truncate, (a.hint,))
     res = evaluate(model, tokenizer, templates, records, task=task, hint=a.hint, samples=a.samples,
                    max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                    temperature=a.temperature, seed=a.seed)
@@ -54,32 +82,41 @@ def cmd_eval(a) -> int:
 def cmd_train(a) -> int:
     from handrail.train import TrainConfig, train
 
+    from handrail.run import check_out
+
+    flags = {k: getattr(a, k) for k in ("model", "task", "data", "method", "rule", "teacher",
+                                         "rollouts", "seed", "out", "config")}
     if a.resume:
+        given = next((k for k, v in flags.items() if v is not None), None)
+        if given:  # the run's own config.json decides; say so instead of ignoring the flag
+            raise C.ConfigError(f"--{given}: not used with --resume (the run's config.json is); "
+                                f"change a key with key=value after --resume DIR")
         saved = os.path.join(a.resume, "config.json")
         if not os.path.exists(saved):
             raise FileNotFoundError(f"{a.resume}: not a run folder (no config.json)")
         cfg = C.build(TrainConfig, saved, a.overrides, out=a.resume)
     else:
-        flags = {k: getattr(a, k) for k in ("model", "task", "data", "method", "rule", "teacher",
-                                             "rollouts", "seed", "out")}
-        cfg = C.build(TrainConfig, a.config, a.overrides, **flags)
+        cfg = C.build(TrainConfig, flags.pop("config"), a.overrides, **flags)
+        check_out(cfg.out)
     print(json.dumps(train(cfg, resume=bool(a.resume))))
     return 0
 
 
 def cmd_compare(a) -> int:
     from handrail.compare import CompareConfig, compare
-    from handrail.run import default_base_model
+    from handrail.run import check_out, default_base_model
     from handrail.tasks import DEFAULT_TASK
 
     if not a.model and (a.data or a.task not in (None, DEFAULT_TASK)):
         raise ValueError("--model is required unless the task is the embedded default")
     model = a.model or "default"
-    if model == "default":
-        default_base_model()  # built (or found) before any run starts, with its progress shown
     flags = dict(model=model, task=a.task, data=a.data, methods=a.methods, rollouts=a.rollouts,
                  seeds=a.seeds, out=a.out)
-    compare(C.build(CompareConfig, a.config, a.overrides, **flags))
+    cfg = C.build(CompareConfig, a.config, a.overrides, **flags)
+    check_out(cfg.out)
+    if model == "default":
+        default_base_model()  # built (or found) before any run starts, with its progress shown
+    compare(cfg)
     return 0
 
 
@@ -87,8 +124,11 @@ def cmd_demo(a) -> int:
     from handrail.compare import CompareConfig, compare
     from handrail.run import default_base_model
 
-    base = default_base_model(rebuild=a.rebuild, quick=a.quick)
+    from handrail.run import check_out
+
     out = a.out or _free_dir("runs/demo-quick" if a.quick else "runs/demo")
+    check_out(out)
+    base = default_base_model(rebuild=a.rebuild, quick=a.quick)
     cfg = CompareConfig(model=str(base) if a.quick else "default", out=out, **(DEMO_QUICK if a.quick else DEMO))
     compare(cfg)
     return 0
@@ -142,7 +182,7 @@ def _free_dir(base: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="handrail", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="handrail", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="build a tiny base model from scratch on a task or data file")
@@ -154,11 +194,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out pass@1 (greedy and sampled) and leak rate")
     _common(p)
     p.add_argument("--hint", default="none", choices=["none", "solution", "answer"])
-    p.add_argument("--samples", type=int, default=1, help="sampled completions per problem (0: greedy only)")
-    p.add_argument("--level", type=int, help="task difficulty (default: the task's post-training level)")
-    p.add_argument("--n", type=int, default=200, help="problems to evaluate")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--samples", type=_count(0), default=1, help="sampled completions per problem (0: greedy only)")
+    p.add_argument("--level", type=_count(1), help="task difficulty (default: the task's post-training level)")
+    p.add_argument("--n", type=_count(1), default=200, help="problems to evaluate")
+    p.add_argument("--max-new-tokens", type=_count(1), default=128)
+    p.add_argument("--batch-size", type=_count(1), default=64)
+    p.add_argument("--truncate", default="error", choices=["error", "left"],
+                   help="a prompt longer than the model's positions: error (naming it) or keep its end")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -170,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="self-distill (default) | grpo | sft")
     p.add_argument("--rule", help="aggregation rule: trust-region (default) | geometric | support | none")
     p.add_argument("--teacher", help="frozen (default) | live | ema")
-    p.add_argument("--rollouts", type=int, help="budget of sampled student completions")
+    p.add_argument("--rollouts", type=_count(1), help="budget of sampled student completions")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
@@ -180,8 +222,8 @@ def parser() -> argparse.ArgumentParser:
     _common(p, model=False)
     p.add_argument("--model", help="base model (default: the embedded default, built if missing)")
     p.add_argument("--methods", help="comma-separated, e.g. self-distill,grpo,sft,self-distill:none")
-    p.add_argument("--rollouts", type=int, help="samples per run")
-    p.add_argument("--seeds", type=int)
+    p.add_argument("--rollouts", type=_count(1), help="samples per run")
+    p.add_argument("--seeds", type=_count(1))
     p.add_argument("--out", help="results folder")
     p.set_defaults(fn=cmd_compare)
 
@@ -190,14 +232,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the problem (default: a held-out problem of --task)")
     p.add_argument("--solution", help="the reference the teacher sees (with --prompt)")
     p.add_argument("--task", help="embedded task for the default problem (default: chain)")
-    p.add_argument("--level", type=int, help="task difficulty (default: the post-training level)")
-    p.add_argument("--index", type=int, default=0, help="which held-out problem")
+    p.add_argument("--level", type=_count(1), help="task difficulty (default: the post-training level)")
+    p.add_argument("--index", type=_count(0), default=0, help="which held-out problem")
     p.add_argument("--rule", default="trust-region", choices=["trust-region", "geometric", "support", "none"])
     p.add_argument("--delta", type=float, default=1.0)
     p.add_argument("--lam", type=float, default=0.5)
     p.add_argument("--top-p", type=float, default=0.9, help="support rule: the student's nucleus")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy on the aggregate")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_count(1), default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_decode)
 
@@ -224,16 +266,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.fn(a)
     except (DataError, C.ConfigError, ModelError, ValueError, FileNotFoundError) as e:
-        print(f"handrail {a.command}: error: {e}", file=sys.stderr)
+        print(f"handrail {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except NonFinite as e:
-        print(f"handrail {a.command}: error: {e}", file=sys.stderr)
+        print(f"handrail {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as e:
         why = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
         print(f"handrail {a.command}: {why}; a run continues from its last checkpoint with --resume",
               file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
+
+
+def _one_line(e: Exception) -> str:
+    """A message from a library may span lines; a log or a script reads one."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text if len(text) <= 400 else text[:400] + " ..."
 
 
 class _Terminated(KeyboardInterrupt):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from handrail import config as C
 from handrail.train import TrainConfig, train
+from handrail.run import progress
 
 
 @dataclass
@@ -39,6 +40,9 @@ class CompareConfig:
     scenarios: str = "full"  # comma-separated, from SCENARIOS: full | terse | answer | hard
     jobs: int = 0  # runs trained at once, each on one thread (0: one per CPU core; GPU runs: use 1)
     train: str = ""  # extra TrainConfig overrides for every run, "key=value,key=value"
+
+    RANGES = {"rollouts": "[1, )", "seeds": "[1, )", "samples_per_step": "[1, )", "group_size": "[1, )",
+              "eval_points": "[1, )", "jobs": "[0, )"}
 
     def validate(self):
         if not self.model:
@@ -83,8 +87,11 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
         from handrail.tasks import DEFAULT_TASK, get_task
 
         kw["level"] = get_task(cfg.task or DEFAULT_TASK).post_level + 1
-    extra = dict(item.split("=", 1) for item in cfg.train.split(",") if item.strip())
-    return C.build(TrainConfig, overrides={**kw, **extra})
+    extra = [item for item in cfg.train.split(",") if item.strip()]
+    bad = next((item for item in extra if "=" not in item), None)
+    if bad is not None:
+        raise C.ConfigError(f"config key 'train': {bad!r} is not key=value")
+    return C.build(TrainConfig, overrides={**kw, **dict(item.split("=", 1) for item in extra)})
 
 
 def curve(run: Path, per_step: int) -> list[dict]:
@@ -157,13 +164,12 @@ def _train_all(cfg: CompareConfig, todo: dict, log) -> dict:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    from tqdm.auto import tqdm
-
+    
     configs = {key: method_config(cfg, key[1], key[2], run, key[0]) for key, run in todo.items()}
     for c in configs.values():
         c.threads = c.threads or 1
     jobs = min(cfg.jobs or os.cpu_count() or 1, len(configs))
-    bar = tqdm(total=len(configs), desc=f"compare ({jobs} at a time)", unit="run", dynamic_ncols=True)
+    bar = progress(len(configs), f"compare ({jobs} at a time)", "run")
     done = {}
     if jobs == 1:
         for key, c in configs.items():

@@ -2,13 +2,16 @@
 
 Every command has one dataclass; each field's docstring-comment is its documentation. Values
 from YAML or the command line are coerced to the field's declared type, and an unknown key is an
-error that names it, not a silent typo.
+error that names it, not a silent typo. A dataclass may declare `RANGES` (field -> interval, e.g.
+"[1, )" or "(0, 1]") and `CHOICES` (field -> allowed values); `build` checks both, then the
+dataclass's own `validate()` for rules that join several fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -35,12 +38,48 @@ def _coerce(name: str, value, hint):
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"config key {name!r}: expected true/false, got {value!r}")
-    if hint in (int, float):
+    if hint is int:
         try:
-            return hint(float(value)) if hint is int and str(value).replace(".", "").isdigit() else hint(value)
+            number = float(value)  # "1e3" and "1000.0" are whole numbers; "2.5" is not
         except (TypeError, ValueError):
-            raise ConfigError(f"config key {name!r}: expected {hint.__name__}, got {value!r}") from None
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number) or not number.is_integer():
+            raise ConfigError(f"config key {name!r}: expected a whole number, got {value!r}")
+        return int(number)
+    if hint is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key {name!r}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise ConfigError(f"config key {name!r}: expected a finite number, got {value!r}")
+        return number
+    if hint is str and isinstance(value, (dict, list)):
+        raise ConfigError(f"config key {name!r}: expected a string, got {type(value).__name__}")
     return value if hint is not str or value is None else str(value)
+
+
+def _interval(spec: str) -> tuple[float, bool, float, bool]:
+    """'[1, )' -> (1, closed, inf, open)."""
+    lo, hi = spec.strip()[1:-1].split(",")
+    return (float(lo) if lo.strip() else -math.inf, spec.strip()[0] == "[",
+            float(hi) if hi.strip() else math.inf, spec.strip()[-1] == "]")
+
+
+def check(cfg) -> None:
+    """The declared ranges and choices of a config object (see module docstring)."""
+    for name, spec in getattr(cfg, "RANGES", {}).items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        lo, lo_closed, hi, hi_closed = _interval(spec)
+        if not ((lo <= value if lo_closed else lo < value) and (value <= hi if hi_closed else value < hi)):
+            raise ConfigError(f"config key {name!r}: expected a value in {spec}, got {value!r}")
+    for name, allowed in getattr(cfg, "CHOICES", {}).items():
+        value = getattr(cfg, name)
+        allowed = allowed() if callable(allowed) else allowed  # a registry, read when checked
+        if value is not None and value not in allowed:
+            raise ConfigError(f"config key {name!r}: unknown {value!r}; choose {', '.join(map(str, allowed))}")
 
 
 def build(cls, yaml_path: str | Path | None = None, overrides: list[str] | dict | None = None, **given):
@@ -68,6 +107,7 @@ def build(cls, yaml_path: str | Path | None = None, overrides: list[str] | dict 
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r} for {cls.__name__}")
     cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    check(cfg)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg

@@ -96,12 +96,17 @@ def load_records(path: str | Path) -> list[Record]:
 
 
 def _jsonl_rows(path: Path):
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line, raw in enumerate(f, start=1):
-            if not raw.strip():
+            try:
+                text = raw.decode("utf-8-sig" if line == 1 else "utf-8")  # a byte-order mark is read, not refused
+            except UnicodeDecodeError as e:
+                yield line, _Bad(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                continue
+            if not text.strip():
                 continue
             try:
-                yield line, json.loads(raw)
+                yield line, json.loads(text)
             except json.JSONDecodeError as e:
                 yield line, _Bad(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})")
 
@@ -153,6 +158,8 @@ def parse_record(row: dict, where: str) -> Record:
     key = "prompt" if "prompt" in row else "messages"
     if prompt is None:
         raise DataError(f"{where}: field 'prompt': missing (give 'prompt' or 'messages')")
+    if key == "messages" and not isinstance(prompt, list):
+        raise DataError(f"{where}: field 'messages': expected a list of chat messages, got {type(prompt).__name__}")
     if isinstance(prompt, list):
         _check_messages(prompt, where, key)
     elif not isinstance(prompt, str) or not prompt.strip():

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
-from handrail.data import Record, Templates, hint_for, reference_answer, student_prompt, teacher_prompt
+from handrail.data import DataError, Record, Templates, hint_for, reference_answer, student_prompt, teacher_prompt
 from handrail.models import stop_ids
 from handrail.rollout import sample
 from handrail.tasks import ANSWER_MARK, StepArithmeticTask, answers_match, extract_answer
@@ -32,6 +33,36 @@ def prompt_ids(tokenizer, records: list[Record], templates: Templates, hint: str
     texts = [student_prompt(tokenizer, r, templates) if hint == "none"
              else teacher_prompt(tokenizer, r, templates, hint_for(r, hint)) for r in records]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def positions(model) -> int | None:
+    """How many token positions the model can attend over (None: unstated)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def fit_records(tokenizer, records: list[Record], templates: Templates, limit: int | None,
+                truncate: str = "error", hints: tuple[str, ...] = ("none", "solution")) -> list[Record]:
+    """Records whose prompts (student, and teacher with each of `hints`) fit in `limit` tokens.
+    `error` names the first record that does not; `left` drops the start of its problem text, so
+    the end (usually the question itself) is kept. Nothing is ever sized by an unbounded prompt."""
+    if limit is None:
+        return records
+    out = []
+    for rec in records:
+        usable = [h for h in hints if h == "none" or rec.solution or h == "answer" and rec.answer is not None]
+        longest = max(len(ids) for h in usable for ids in prompt_ids(tokenizer, [rec], templates, h))
+        if longest > limit and truncate == "left" and isinstance(rec.prompt, str):
+            text_ids = tokenizer(rec.prompt, add_special_tokens=False)["input_ids"]
+            keep = len(text_ids) - (longest - limit)
+            if keep > 0:
+                rec = replace(rec, prompt=tokenizer.decode(text_ids[-keep:]))
+                longest = max(len(ids) for h in usable for ids in prompt_ids(tokenizer, [rec], templates, h))
+        if longest > limit:
+            raise DataError(f"{rec.source}: field 'prompt': {longest} tokens with its template, more than the "
+                            f"{limit} the model's positions leave beside the completion; shorten it"
+                            + ("" if truncate == "left" else ", or truncate it from the left (train: truncate=left; eval: --truncate left)"))
+        out.append(rec)
+    return out
 
 
 @torch.no_grad()

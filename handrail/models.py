@@ -15,6 +15,7 @@ from handrail.data import Templates
 
 HANDRAIL_META = "handrail.json"  # templates and task a tiny model was built for
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 class ModelError(ValueError):
@@ -50,16 +51,26 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
             raise ModelError(f"model {spec}: no such file")
         source, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model {spec}: a file, not a model folder or .gguf file")
         if not (path / "config.json").exists():
             raise ModelError(f"model {spec}: folder has no config.json (not a Hugging Face model folder)")
+        if not any((path / name).exists() for name in TOKENIZER_FILES):
+            raise ModelError(f"model {spec}: folder has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
         source = str(path)
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model {spec}: no such folder (and not a hub id of the form org/name)")
     else:
         source = spec  # hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged or missing file raises
+        raise ModelError(f"model {spec}: cannot load its tokenizer ({_first_line(e)})") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
-    except OSError as e:
-        raise ModelError(f"model {spec}: cannot load ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - OSError, SafetensorError, ... from a damaged file
+        files = sorted(f.name for f in path.glob("*.safetensors")) if path.is_dir() else [path.name]
+        raise ModelError(f"model {spec}: cannot load its weights {', '.join(files) or ''} ({_first_line(e)})") from None
     if "gguf_file" in kwargs:
         # transformers dequantizes GGUF weights to `dtype` on load but keeps a quantizer tag that
         # refuses save_pretrained; the weights are ordinary tensors, so drop the tag
@@ -73,6 +84,10 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if bad is not None:
         raise ModelError(f"model {spec}: weight {bad!r} holds NaN or infinite values")
     return model.to(device).eval(), tokenizer, templates_for(path if path.is_dir() else None, tokenizer)
+
+
+def _first_line(e: Exception) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def nonfinite_weight(model) -> str | None:

@@ -12,7 +12,9 @@ moment (BENCHMARKS.md §L1):
   or only the answer, and `detour_frac` of its full-reference examples leave the reference's path
   and continue correctly from the slipped value, so the teacher works from the student's path
   instead of copying the reference's numbers (benchmarks/teacher_probe.py);
-- `hinted_only_levels` are never practised unaided: a level too hard for the student alone.
+- `hinted_only_levels` are never practised unaided: a level too hard for the student alone. A
+  data file has no levels, so its hardest records (most solution lines, `hard_frac`) play that
+  part, and the closing check evaluates on held-out records of them.
 
 `band()` checks the result and says what to change when a build misses it.
 """
@@ -27,13 +29,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from handrail.data import TINY_TEMPLATES, Record, hint_for, load_records, records_from_task, reference_answer
 from handrail.data import student_prompt, teacher_prompt
 from handrail.evaluate import evaluate
 from handrail.models import build_char_tokenizer, build_tiny_model, save_model
 from handrail.tasks import ANSWER_MARK, DEFAULT_TASK, get_task
+from handrail.run import progress
 
 
 @dataclass
@@ -50,22 +52,33 @@ class PretrainConfig:
     n_heads: int = 4
     seed: int = 1  # seeds 1-3 x three CPU instruction sets: 8 of 9 builds in the band (BENCHMARKS.md §L1)
     n_problems: int = 20000  # training problems drawn from the task (per level mix)
-    plain_frac: float = 0.5  # share of plain student-prompt examples (rest are hinted)
+    plain_frac: float = 0.4  # share of plain student-prompt examples (rest are hinted: the teacher has more to learn)
     answer_hint_frac: float = 0.2  # share of hinted examples whose hint is only the final answer
     terse_hint_frac: float = 0.15  # share of the other hinted examples whose reference is terse (tasks only)
     direct_plain: float = 0.05  # answer-first completions for plain prompts (a rare guess)
     direct_answer_hint: float = 0.5  # answer-first completions when the hint is the bare answer
-    detour_frac: float = 0.5  # full-reference examples that leave the hint's path and continue from the slip (tasks only)
+    detour_frac: float = 0.7  # full-reference examples that leave the hint's path and continue from the slip (tasks only)
     misconception: float = 0.8  # the student's own solutions: share of affected steps done the wrong way (tasks only)
     misconception_levels: str = "3,4"  # levels whose student solutions carry it ("": all); fewer keep the teacher's arithmetic clean
     eval_n: int = 200  # held-out problems for the closing report
     threads: int = 2  # torch threads, pinned so that a machine builds the same model every time; 0 = all
     levels: str = ""  # task levels to train on, e.g. "1,2,3,4,5" ("": the task's own, 1-4)
     hinted_only_levels: str = ""  # levels shown only with a hint: the student never practises them alone
+    hard_frac: float = 0.25  # data files: the share of records with the longest solutions, shown only with a hint
+
+    RANGES = {
+        "seconds": "[0, )", "max_steps": "[1, )", "batch_size": "[1, )", "lr": "(0, )", "d_model": "[1, )",
+        "n_layers": "[1, )", "n_heads": "[1, )", "n_problems": "[1, )", "plain_frac": "[0, 1]",
+        "answer_hint_frac": "[0, 1]", "terse_hint_frac": "[0, 1]", "direct_plain": "[0, 1]",
+        "direct_answer_hint": "[0, 1]", "detour_frac": "[0, 1]", "misconception": "[0, 1]", "eval_n": "[1, )",
+        "threads": "[0, )", "hard_frac": "[0, 1)",
+    }
 
     def validate(self):
         if self.task and self.data:
             raise ValueError("give --task or --data, not both")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"config key 'd_model': {self.d_model} is not divisible by n_heads={self.n_heads}")
         for key in ("levels", "hinted_only_levels", "misconception_levels"):
             try:
                 _levels(getattr(self, key))
@@ -78,15 +91,43 @@ def _levels(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in str(text).split(",") if x.strip())
 
 
+def _steps(rec: Record) -> int:
+    return len([line for line in (rec.solution or "").splitlines() if line.strip()])
+
+
+def hardest(records: list[Record], frac: float, rng: random.Random) -> set[int]:
+    """Indices of about `frac` of `records`, the ones with the most solution lines: whole lengths
+    from the longest down, like a task's top levels, so that no problem of a hard length is
+    practised unaided. Where one length holds so many records that taking it would give more than
+    twice `frac`, records of that length are drawn at random to make up the share."""
+    if frac <= 0 or not records:
+        return set()
+    by_steps: dict[int, list[int]] = {}
+    for i, rec in enumerate(records):
+        by_steps.setdefault(_steps(rec), []).append(i)
+    want, chosen = frac * len(records), []
+    for steps in sorted(by_steps, reverse=True):
+        group = by_steps[steps]
+        if len(chosen) + len(group) > 2 * want:
+            chosen += rng.sample(group, max(0, round(want) - len(chosen)))
+            break
+        chosen += group
+        if len(chosen) >= want:
+            break
+    return set(chosen)
+
+
 def _direct(rec: Record) -> str:
     """An answer-first completion: the final answer with no work before it."""
     return f"{ANSWER_MARK} {reference_answer(rec)}"
 
 
-def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: random.Random, task=None):
+def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: random.Random, task=None,
+                   hard: set[str] = frozenset()):
     """(prompt_ids, completion_ids, unlearned positions) triples; a detour's slipped value is read
     but carries no loss, so the teacher learns to copy the reference while on its path and to work
-    from the slip after it, never to slip. The answer-first share differs by prompt type on purpose: a model that has
+    from the slip after it, never to slip. Records whose `source` is in `hard` are shown only with
+    a hint. The answer-first share differs by prompt type on purpose: a model that has
     been told the answer is much more tempted to just state it, which is the 'impossible
     knowledge' a privileged teacher can leak (BENCHMARKS.md §L3)."""
     out = []
@@ -102,7 +143,7 @@ def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: r
 
     for rec in records:
         u = rng.random()
-        plain_frac = 0.0 if rec.level in hinted_only else cfg.plain_frac
+        plain_frac = 0.0 if rec.level in hinted_only or rec.source in hard else cfg.plain_frac
         if u < plain_frac:  # the student, writing its own solution
             rate = cfg.misconception if rec.level in bug_levels else 0.0
             own = task.rewrite(rec.solution, "student", rng, rate) if task else rec.solution
@@ -163,12 +204,22 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
 
 def _pretrain(cfg: PretrainConfig, log) -> dict:
     rng = random.Random(cfg.seed)
-    task = None
+    task, hard = None, set()
     if cfg.data:
         records = load_records(cfg.data)
         rng.shuffle(records)
-        n_eval = min(cfg.eval_n, max(1, len(records) // 10))
-        eval_records, records = records[:n_eval], records[n_eval:]
+        # the closing check holds out records of the part the student never practises alone: the
+        # part post-training is for (all records when hard_frac is 0)
+        chosen = hardest(records, cfg.hard_frac, rng)
+        pool = [r for i, r in enumerate(records) if i in chosen] or records
+        n_eval = min(cfg.eval_n, max(1, len(pool) // 10))
+        held = {r.source for r in pool[:n_eval]}
+        eval_records = pool[:n_eval]
+        records = [r for r in records if r.source not in held]
+        hard = {r.source for r in pool} - held if chosen else set()
+        if hard:
+            log(f"{len(hard)} of {len(records)} records, those with at least {min(map(_steps, pool))} solution "
+                f"lines, are shown only with a hint (hard_frac={cfg.hard_frac:g})")
     else:
         task = get_task(cfg.task or DEFAULT_TASK)
         levels = _levels(cfg.levels) or task.pretrain_levels
@@ -179,7 +230,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     texts = [student_prompt(None, r, TINY_TEMPLATES) + teacher_prompt(None, r, TINY_TEMPLATES, hint_for(r, "solution"))
              + _direct(r) for r in records + eval_records]
     tokenizer = build_char_tokenizer(texts)
-    examples = build_examples(records, cfg, tokenizer, rng, task)
+    examples = build_examples(records, cfg, tokenizer, rng, task, hard)
     max_len = max(len(p) + len(c) for p, c, _ in examples)
     model = build_tiny_model(len(tokenizer), cfg.d_model, cfg.n_layers, cfg.n_heads,
                              max_len=max(256, 2 * max_len), seed=cfg.seed)
@@ -190,7 +241,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     model.train()
     batches = _batches(examples, min(cfg.batch_size, len(examples)), rng)
     t0, step, warmup = time.time(), 0, 50
-    bar = tqdm(total=cfg.max_steps, desc="pretrain", unit="step", dynamic_ncols=True)
+    bar = progress(cfg.max_steps, "pretrain", "step")
     while step < cfg.max_steps and not (cfg.seconds and time.time() - t0 >= cfg.seconds):
         # the schedule depends on the step only: a time-based one would make the model depend on
         # machine load (the `seconds` cap only stops a run that is far slower than expected)
@@ -248,11 +299,11 @@ def band(student: float, teacher: float, task: bool = True) -> dict:
                         f"it has not learned to use the reference; raise max_steps or d_model/n_layers")
     if student < lo:
         problems.append(f"the unaided student solves {student:.1%} (< {lo:.0%}): too little to learn from; "
-                        f"raise max_steps or plain_frac" + (", or lower misconception" if task else ""))
+                        f"raise max_steps or plain_frac" + (", or lower misconception" if task else ", or lower hard_frac"))
     elif student > hi:
         problems.append(f"the unaided student already solves {student:.1%} (> {hi:.0%}): little room to learn; "
                         + ("raise misconception, or evaluate a harder level" if task else
-                           "evaluate on harder held-out records (eval_data= in train), or lower max_steps"))
+                           "raise hard_frac, or lower max_steps"))
     return {"ok": not problems, "student_band": list(STUDENT_BAND), "teacher_min": TEACHER_MIN,
             "message": "; ".join(problems) or "in the lab's band"}
 

@@ -32,15 +32,21 @@ QUICK = dict(max_steps=150, d_model=64, n_layers=2, n_problems=4000, eval_n=100)
 def default_base_model(rebuild: bool = False, quick: bool = False, log=print) -> Path:
     """The embedded default base model, built once and cached. `quick` is a much smaller one for
     smoke runs (it leaves little to learn)."""
+    import hashlib
+    from dataclasses import asdict
+
     from handrail.pretrain import PretrainConfig, pretrain
 
-    folder = cache_dir() / f"base-{DEFAULT_TASK}-v7{'-quick' if quick else ''}"
+    # named by its recipe, so that a changed default builds a new base instead of reusing an old one
+    recipe = {k: v for k, v in asdict(PretrainConfig(**(QUICK if quick else {}))).items() if k != "out"}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    folder = cache_dir() / f"base-{DEFAULT_TASK}-{digest}{'-quick' if quick else ''}"
     result_file = folder / "pretrain_result.json"
     if result_file.exists() and not rebuild:
         r = json.loads(result_file.read_text())
         log(f"base model (cached): {folder}")
     else:
-        r = pretrain(PretrainConfig(out=str(folder), **(QUICK if quick else {})), log=log)
+        r = pretrain(PretrainConfig(**{**recipe, "out": str(folder)}), log=log)
     log(f"student pass@1 {r['student_accuracy']:.1%} | teacher pass@1 (solution hint) "
         f"{r['teacher_accuracy']:.1%} | n={r['eval_n']}")
     return folder
@@ -79,3 +85,32 @@ def environment(model: str | None = None) -> dict:
             if (folder / name).exists():
                 env["base_" + name.split(".")[0]] = json.loads((folder / name).read_text())
     return env
+
+
+def check_out(path: str, option: str = "--out") -> None:
+    """Refuse an output folder that cannot be made, before anything is written anywhere."""
+    from handrail.config import ConfigError
+
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{option} {path}: exists and is not a folder")
+    parent = target
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: {parent} is not writable")
+
+
+def progress(total: int, desc: str, unit: str, show: bool = True, **kw):
+    """A progress bar. At a terminal it redraws as it goes; in a log file or a scheduler's output
+    (no terminal) it writes a line every 30 s instead of one per redraw. HANDRAIL_NO_BAR=1 hides
+    it (compare's worker processes set it)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=interactive, mininterval=0.1 if interactive else 30,
+                disable=not show or bool(os.environ.get("HANDRAIL_NO_BAR")), **kw)

@@ -17,6 +17,7 @@ batch of B reproduce one process at B.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -27,7 +28,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from handrail import config as C
 from handrail.bootstrap import FILE as BOOTSTRAP_FILE
@@ -35,10 +35,18 @@ from handrail.bootstrap import bootstrap, needs_bootstrap
 from handrail.bootstrap import load as load_bootstrap
 from handrail.bootstrap import save as save_bootstrap
 from handrail.data import load_records, records_from_task, reference_answer
-from handrail.evaluate import evaluate, prompt_ids
+from handrail.evaluate import evaluate, fit_records, positions, prompt_ids
 from handrail.models import HiddenStates, load_model, nonfinite_weight, save_model, stop_ids
 from handrail.rollout import sample
 from handrail.tasks import DEFAULT_TASK, get_task
+from handrail.run import progress
+
+
+def _registry(module: str, name: str):
+    """A registry read when a config is checked (methods.py imports this module)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"handrail.{module}"), name)
 
 
 @dataclass
@@ -92,42 +100,38 @@ class TrainConfig:
     log_with: str | None = None  # accelerate tracker: tensorboard | wandb | ... (metrics.jsonl always)
     threads: int = 0  # torch threads per process (0 = leave as is)
     max_nonfinite: int = 3  # a non-finite loss or gradient skips the step; this many in a row stop the run
+    truncate: str = "error"  # a prompt too long for the model's positions: error (naming the record) | left (keep its end)
+
+    RANGES = {
+        "ema_decay": "[0, 1]", "lam": "[0, 1]", "delta": "[0, )", "tau": "[0, 1]", "lam_max": "[0, 1]",
+        "support_top_p": "(0, 1]", "intervene_kl": "[0, )", "gate_prob": "[0, 1]", "rollouts": "[1, )",
+        "bootstrap_k": "[0, )", "bootstrap_rollouts": "[0, )", "prompts_per_step": "[1, )",
+        "samples_per_prompt": "[1, )", "max_new_tokens": "[1, )", "temperature": "[0, )", "top_p": "(0, 1]",
+        "lr": "(0, )", "weight_decay": "[0, )", "grad_clip": "(0, )", "clip_eps": "(0, )", "kl_coef": "[0, )",
+        "chunk_size": "[1, )", "level": "[1, )", "train_n": "[1, )", "eval_n": "[0, )", "eval_every": "[0, )",
+        "eval_samples": "[0, )", "checkpoint_every": "[0, )", "threads": "[0, )", "max_nonfinite": "[1, )",
+    }
+    CHOICES = {
+        "method": lambda: _registry("methods", "METHODS"), "rule": lambda: _registry("targets", "RULES"),
+        "teacher": ("frozen", "live", "ema"), "gate": ("none", "divergence", "point"), "after_gate": ("free", "anchor"),
+        "rollout": ("student", "guided", "logged"), "bootstrap_rollout": ("student", "guided"),
+        "grpo_loss": ("dapo", "grpo", "dr_grpo"), "hint": ("solution", "answer"), "reference": ("full", "terse", "answer"),
+        "mixed_precision": ("no", "bf16", "fp16"), "truncate": ("error", "left"),
+    }
 
     def validate(self):
-        from handrail.methods import METHODS
-        from handrail.targets import RULES
-
+        """Rules that join several keys (ranges and choices: RANGES, CHOICES, checked by config.build)."""
         if not self.model:
             raise ValueError("config key 'model': required")
-        if self.method not in METHODS:
-            raise ValueError(f"config key 'method': unknown {self.method!r}; choose {', '.join(METHODS)}")
-        if self.rule not in RULES:
-            raise ValueError(f"config key 'rule': unknown {self.rule!r}; choose {', '.join(RULES)}")
-        if self.teacher not in ("frozen", "live", "ema"):
-            raise ValueError(f"config key 'teacher': unknown {self.teacher!r}; choose frozen, live or ema")
-        if self.gate not in ("none", "divergence", "point"):
-            raise ValueError(f"config key 'gate': unknown {self.gate!r}; choose none, divergence or point")
-        if self.after_gate not in ("free", "anchor"):
-            raise ValueError(f"config key 'after_gate': unknown {self.after_gate!r}; choose free or anchor")
-        if self.rollout not in ("student", "guided", "logged"):
-            raise ValueError(f"config key 'rollout': unknown {self.rollout!r}; choose student, guided or logged")
         if self.rollout in ("guided", "logged") and self.method != "self-distill":
             raise ValueError(f"config key 'rollout': {self.rollout} rollouts need method self-distill "
                              f"(they need a teacher)")
-        if self.bootstrap_rollout not in ("student", "guided"):
-            raise ValueError(f"config key 'bootstrap_rollout': unknown {self.bootstrap_rollout!r}; "
-                             f"choose student or guided")
-        if self.bootstrap_k < 0 or self.bootstrap_rollouts < 0:
-            raise ValueError("config keys 'bootstrap_k' and 'bootstrap_rollouts': must be >= 0")
         if self.bootstrap_k and self.bootstrap_rollouts >= self.rollouts:
             raise ValueError(f"config key 'bootstrap_rollouts': {self.bootstrap_rollouts} leaves nothing of "
                              f"the budget rollouts={self.rollouts} for training")
-        if self.grpo_loss not in ("dapo", "grpo", "dr_grpo"):
-            raise ValueError(f"config key 'grpo_loss': unknown {self.grpo_loss!r}; choose dapo, grpo or dr_grpo")
-        if self.hint not in ("solution", "answer"):
-            raise ValueError(f"config key 'hint': unknown {self.hint!r}; choose solution or answer")
-        if self.reference not in REFERENCES:
-            raise ValueError(f"config key 'reference': unknown {self.reference!r}; choose {', '.join(REFERENCES)}")
+        if self.rollouts < self.rollouts_per_step:
+            raise ValueError(f"config key 'rollouts': {self.rollouts} does not buy one step of "
+                             f"prompts_per_step x samples_per_prompt = {self.rollouts_per_step} rollouts")
         if self.reference == "terse" and self.data:
             raise ValueError("config key 'reference': terse rewrites an embedded task's references; "
                              "with --data, give terse solutions in the file")
@@ -180,31 +184,37 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     out = Path(cfg.out)
-    if not resume and (out / "metrics.jsonl").exists():
+    ckpt = _checkpoint_dir(out)
+    if not resume and (out / "metrics.jsonl").exists() and (ckpt or (out / "model").exists()):
         raise ValueError(f"{out}: already holds a run (metrics.jsonl); continue it with --resume {out} "
                          f"or choose another --out")
-    ckpt = _checkpoint_dir(out) if resume else None
-    if resume and ckpt is None:
-        raise ValueError(f"{out}: no checkpoint to resume from")
+    # a run stopped before its first checkpoint has nothing to continue from: it starts again
+    restart = (out / "metrics.jsonl").exists() and ckpt is None
+    ckpt = ckpt if resume else None
     task, train_recs, eval_recs = _records(cfg)
     _resolve_logged(cfg, train_recs, log)
-    acc.wait_for_everyone()  # every process has checked before the main one writes
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        C.save(cfg, out / "config.json")
 
-    # -- model, method ---------------------------------------------------------------------------
-    lm, tokenizer, templates = load_model(str(ckpt / "model") if ckpt else cfg.model, device=acc.device)
-    initial = lm if not ckpt else load_model(cfg.model, device=acc.device)[0]
+    # -- model, method (before anything is written: a model that fails to load leaves no run) ----
+    initial, tokenizer, templates = load_model(cfg.model, device=acc.device)
+    limit = positions(initial) and positions(initial) - cfg.max_new_tokens
+    hints = ("none", cfg.hint) if cfg.method == "self-distill" else ("none",)
+    train_recs = fit_records(tokenizer, train_recs, templates, limit, cfg.truncate, hints)
+    eval_recs = fit_records(tokenizer, eval_recs, templates, limit, cfg.truncate, ("none",))
+    lm = copy.deepcopy(initial) if ckpt else initial
     policy = HiddenStates(lm).train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     method = METHODS[cfg.method](cfg, initial, tokenizer, templates, task)  # copies what it keeps
     state = State()
     if ckpt:
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=True))
-        method.load_state_dict(torch.load(ckpt / "method.pt", map_location=acc.device, weights_only=True))
-        state = State(**json.loads((ckpt / "state.json").read_text()))
-        _truncate_metrics(out / "metrics.jsonl", state.step)
+        state = _load_checkpoint(out, ckpt, lm, opt, method, acc.device, log)
+    acc.wait_for_everyone()  # every process has checked before the main one writes
+    if acc.is_main_process:
+        if restart:
+            log(f"{out}: the run there stopped before its first checkpoint; starting it again from step 0")
+            for name in ("metrics.jsonl", BOOTSTRAP_FILE):
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        C.save(cfg, out / "config.json")
     policy, opt = acc.prepare(policy, opt)
     if cfg.log_with:
         acc.init_trackers(out.name, config=asdict(cfg))
@@ -235,8 +245,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         raise ValueError(f"{len(train_recs)} training records, fewer than prompts_per_step="
                          f"{cfg.prompts_per_step}; lower prompts_per_step or add records")
     total_steps = (cfg.rollouts - state.bootstrap_rollouts) // cfg.rollouts_per_step
-    bar = tqdm(total=total_steps, initial=state.step, desc=f"train {cfg.method}", unit="step",
-               disable=not acc.is_main_process or bool(os.environ.get("HANDRAIL_NO_BAR")), dynamic_ncols=True)
+    bar = progress(total_steps, f"train {cfg.method}", "step", show=acc.is_main_process, initial=state.step)
 
     while state.step < total_steps:
         t0 = time.time()
@@ -311,9 +320,6 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     summary = {"model": str(final), **asdict(state)}
     log(f"saved {final} after {state.step} steps, {state.rollouts} rollouts, {state.seconds:.0f}s")
     return summary
-
-
-REFERENCES = ("full", "terse", "answer")
 
 
 def _records(cfg: TrainConfig):
@@ -391,11 +397,34 @@ def _log(acc, out: Path, row: dict) -> None:
 
 
 # -- checkpoints: written beside the good one, swapped in only when complete ---------------------
+CHECKPOINTS = ("checkpoint", "checkpoint.old", "checkpoint.prev")  # newest first; .old survives a crash mid-swap
+
+
 def _checkpoint_dir(out: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash mid-swap
-        if (out / name / "state.json").exists():
-            return out / name
-    return None
+    return next((out / name for name in CHECKPOINTS if (out / name / "state.json").exists()), None)
+
+
+def _load_checkpoint(out: Path, first: Path, lm, opt, method, device, log) -> State:
+    """Weights, optimizer, method and state from the newest checkpoint that loads; a damaged one
+    is named and passed over for the one before it, and if none loads the error names the file."""
+    damaged = []
+    for c in [out / name for name in CHECKPOINTS if (out / name / "state.json").exists()]:
+        part = c / "state.json"
+        try:
+            state = State(**json.loads(part.read_text()))
+            part = c / "model"
+            lm.load_state_dict(load_model(str(part), device=device)[0].state_dict())
+            for part, target in ((c / "optimizer.pt", opt), (c / "method.pt", method)):
+                target.load_state_dict(torch.load(part, map_location=device, weights_only=True))
+        except Exception as e:  # noqa: BLE001 - any damage: try the previous checkpoint
+            damaged.append(f"{part} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            continue
+        if damaged:
+            log(f"WARNING: damaged checkpoint file {damaged[0]}; resuming from {c} (step {state.step}) instead")
+        _truncate_metrics(out / "metrics.jsonl", state.step)
+        return state
+    raise ValueError(f"cannot resume: damaged checkpoint file {damaged[0]}" +
+                     ("; the older ones are damaged too" if len(damaged) > 1 else "; no older checkpoint to fall back to"))
 
 
 def _save_checkpoint(acc, out: Path, policy, opt, method, state: State, tokenizer, templates) -> None:
@@ -412,7 +441,9 @@ def _save_checkpoint(acc, out: Path, policy, opt, method, state: State, tokenize
             shutil.rmtree(old, ignore_errors=True)
             os.replace(good, old)
         os.replace(tmp, good)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():  # kept as the previous checkpoint, in case the newest is damaged later
+            shutil.rmtree(out / "checkpoint.prev", ignore_errors=True)
+            os.replace(old, out / "checkpoint.prev")
     acc.wait_for_everyone()
 
 
@@ -426,7 +457,15 @@ def _check_finite(lm, out: Path) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from, so no step appears twice."""
+    """Drop rows logged after the checkpoint we resume from, so no step appears twice, and a last
+    row half-written when the run was killed."""
     if path.exists():
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                rows.append(line)
         path.write_text("".join(r + "\n" for r in rows))

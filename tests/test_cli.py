@@ -37,9 +37,14 @@ def test_pretrain_on_a_data_file_checks_answers(tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"double {i}", "solution": f"{i}*2={2 * i}\n#### {2 * i}"}) + "\n"
                             for i in range(40)))
     out = tmp_path / "m"
-    handrail("pretrain", "--data", str(data), "--out", str(out), "max_steps=5", "d_model=32", "n_layers=1")
+    data.write_text(data.read_text() + "".join(
+        json.dumps({"prompt": f"quadruple {i}", "solution": f"{i}*2={2 * i}\n{2 * i}*2={4 * i}\n#### {4 * i}"}) + "\n"
+        for i in range(20)))
+    p = handrail("pretrain", "--data", str(data), "--out", str(out), "max_steps=5", "d_model=32", "n_layers=1")
+    assert "18 of 58 records, those with at least 3 solution lines, are shown only with a hint" in p.stdout + p.stderr
     res = json.loads(handrail("eval", "--model", str(out), "--data", str(data), "--samples", "0", "--json").stdout)
-    assert res["n"] == 40 and res["accuracy_sampled"] is None
+    assert res["n"] == 60 and res["accuracy_sampled"] is None
+    assert json.loads((out / "pretrain_result.json").read_text())["eval_n"] == 2  # held out of the hard part
 
 
 def test_bad_data_is_one_line_exit_2(tmp_path, tiny_model):

@@ -152,6 +152,23 @@ def test_hinted_only_levels_are_never_shown_to_the_student_alone():
         PretrainConfig(levels="1,x").validate()
 
 
+def test_hardest_records_of_a_data_file_are_whole_lengths_from_the_longest_down():
+    from handrail.pretrain import hardest
+
+    def rec(i, lines):
+        return Record(f"p{i}", "\n".join(["1+1=2"] * lines + ["#### 2"]), source=f"f:{i}")
+
+    recs = [rec(i, 1 + i % 3) for i in range(300)]  # a third each of 1, 2 and 3 lines
+    picked = hardest(recs, 0.25, random.Random(0))
+    assert picked == {i for i in range(300) if i % 3 == 2}  # all of the longest length, none else
+    assert hardest(recs, 0.0, random.Random(0)) == set()
+    same = [rec(i, 2) for i in range(100)]  # one length: a random quarter, not everything
+    assert len(hardest(same, 0.25, random.Random(0))) == 25
+    mixed = [rec(i, 5 if i < 10 else 2) for i in range(100)]  # 10 long ones, then 15 of the next length
+    picked = hardest(mixed, 0.25, random.Random(0))
+    assert len(picked) == 25 and set(range(10)) <= picked
+
+
 def test_band_names_the_side_that_was_missed():
     from handrail.pretrain import band
 
@@ -159,7 +176,7 @@ def test_band_names_the_side_that_was_missed():
     assert "too little to learn from" in band(0.01, 0.9)["message"]
     assert "little room to learn" in band(0.6, 0.9)["message"]
     assert "misconception" not in band(0.6, 0.9, task=False)["message"]  # a data file has none to tune
-    assert "harder held-out records" in band(0.6, 0.9, task=False)["message"]
+    assert "hard_frac" in band(0.6, 0.9, task=False)["message"]
     low_teacher = band(0.2, 0.5)
     assert not low_teacher["ok"] and "teacher" in low_teacher["message"] and "max_steps" in low_teacher["message"]
 

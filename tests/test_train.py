@@ -131,6 +131,31 @@ def test_resume_continues_exactly(tiny_model, tmp_path):
     assert [r["step"] for r in rows(tmp_path / "cut")] == list(range(9))
 
 
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tiny_model, tmp_path):
+    from handrail.config import build
+
+    out = tmp_path / "r"
+    train(cfg(tiny_model, out, rollouts=32), log=lambda *_: None)  # 4 steps: checkpoints at 2 and 4
+    assert json.loads((out / "checkpoint.prev" / "state.json").read_text())["step"] == 2
+    (out / "checkpoint" / "optimizer.pt").write_bytes(b"damaged")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss/to')  # a row half-written when the run was killed
+    logs = []
+    train(build(TrainConfig, out / "config.json", ["rollouts=48"]), resume=True, log=logs.append)
+    assert any("damaged checkpoint file" in line and "optimizer.pt" in line and "step 2" in line for line in logs)
+    assert [r["step"] for r in rows(out)] == list(range(7))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(tiny_model, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/pass@1": 0.0}) + "\n")
+    logs = []
+    train(cfg(tiny_model, out, rollouts=16, eval_every=0), log=logs.append)
+    assert any("starting it again" in line for line in logs)
+    assert [r["step"] for r in rows(out)] == [0, 1, 2]
+
+
 def test_two_processes_equal_one(tiny_model, tmp_path):
     common = ["--model", tiny_model, "--rollouts", "32", "prompts_per_step=8", "max_new_tokens=24",
               "eval_n=8", "train_n=64", "level=2", "eval_every=0", "checkpoint_every=0", "lr=1e-3", "threads=1"]

@@ -1,0 +1,163 @@
+"""Every bad input through the CLI: exit status 2, one line on stderr naming the file (and line
+and field) or the option, no traceback, and nothing created or changed on disk.
+
+Cases run in-process through `handrail.cli.main`, so a traceback is an exception that fails the
+test; the whole table takes seconds."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from handrail.cli import main
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, tiny_model):
+    """Files the cases point at: good and damaged models, data files, configs, run folders."""
+    root = tmp_path_factory.mktemp("lab")
+    good = root / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "1+1", "solution": "1+1=2\n#### 2"}) + "\n")
+    (root / "notjson.jsonl").write_text('{"prompt": "a", "solution": "b"}\n{"prompt": \n')
+    (root / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "solution": "x"}\n')
+    (root / "msgstr.jsonl").write_text(json.dumps({"messages": "hello", "solution": "x"}) + "\n")
+    (root / "nosolution.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n")
+    (root / "long.jsonl").write_text(json.dumps({"prompt": "1" * 5000, "solution": "x\n#### 1"}) + "\n")
+    (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "badkey.yaml").write_text("nonsense_key: 3\n")
+    (root / "afile").write_text("x")
+    for name, damage in (("truncated", lambda b: b[: len(b) // 2]), ("garbage", lambda b: b"\x00garbage" * 100)):
+        folder = root / name
+        shutil.copytree(tiny_model, folder)
+        w = folder / "model.safetensors"
+        w.write_bytes(damage(w.read_bytes()))
+    notok = root / "notokenizer"
+    shutil.copytree(tiny_model, notok)
+    for f in notok.glob("tokenizer*"):
+        f.unlink()
+    (root / "noconfig").mkdir()
+    run = root / "run"  # a run folder whose checkpoint's state.json is damaged
+    (run / "checkpoint" / "model").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": tiny_model, "out": str(run)}))
+    (run / "checkpoint" / "state.json").write_text("{not json")
+    (root / "norun").mkdir()
+    return root
+
+
+M = "{model}"
+CASES = [
+    # (command line, what the message must name)
+    # -- config values: types, ranges, choices, cross-field rules
+    ("train --model {model} --out {tmp}/o prompts_per_step=0", "prompts_per_step"),
+    ("train --model {model} --out {tmp}/o samples_per_prompt=0", "samples_per_prompt"),
+    ("train --model {model} --out {tmp}/o max_new_tokens=0", "max_new_tokens"),
+    ("train --model {model} --out {tmp}/o threads=-1", "threads"),
+    ("train --model {model} --out {tmp}/o --rollouts 0", "rollouts"),
+    ("train --model {model} --out {tmp}/o --rollouts -5", "rollouts"),
+    ("train --model {model} --out {tmp}/o rollouts=2.5", "rollouts"),
+    ("train --model {model} --out {tmp}/o --rollouts 4 prompts_per_step=16", "rollouts"),
+    ("train --model {model} --out {tmp}/o lr=inf", "lr"),
+    ("train --model {model} --out {tmp}/o lr=nan", "lr"),
+    ("train --model {model} --out {tmp}/o lr=-1", "lr"),
+    ("train --model {model} --out {tmp}/o delta=-1", "delta"),
+    ("train --model {model} --out {tmp}/o temperature=-1", "temperature"),
+    ("train --model {model} --out {tmp}/o top_p=1.5", "top_p"),
+    ("train --model {model} --out {tmp}/o eval_every=-1", "eval_every"),
+    ("train --model {model} --out {tmp}/o --rule bogus", "rule"),
+    ("train --model {model} --out {tmp}/o --method bogus", "method"),
+    ("train --model {model} --out {tmp}/o mixed_precision=fp8", "mixed_precision"),
+    ("train --model {model} --out {tmp}/o scale_rewards=maybe", "scale_rewards"),
+    ("train --model {model} --out {tmp}/o nonsense_key=1", "nonsense_key"),
+    ("train --model {model} --out {tmp}/o oops", "oops"),
+    ("train --model {model} --out {tmp}/o --config {lab}/missing.yaml", "missing.yaml"),
+    ("train --model {model} --out {tmp}/o --config {lab}/list.yaml", "list.yaml"),
+    ("train --model {model} --out {tmp}/o --config {lab}/badkey.yaml", "nonsense_key"),
+    ("pretrain --out {tmp}/p max_steps=-5", "max_steps"),
+    ("pretrain --out {tmp}/p d_model=30", "d_model"),
+    ("pretrain --out {tmp}/p threads=-1", "threads"),
+    ("pretrain --out {tmp}/p hard_frac=1.5", "hard_frac"),
+    ("pretrain --out {tmp}/p batch_size=0", "batch_size"),
+    ("pretrain --out {tmp}/p lr=inf", "lr"),
+    ("pretrain --out {tmp}/p levels=1,x", "levels"),
+    ("compare --model {model} --out {tmp}/c --methods self-distill,bogus", "bogus"),
+    ("compare --model {model} --out {tmp}/c --rollouts 0", "rollouts"),
+    ("compare --model {model} --out {tmp}/c --seeds 0", "seeds"),
+    ("compare --model {model} --out {tmp}/c scenarios=bogus", "scenarios"),
+    ("compare --model {model} --out {tmp}/c train=lr=inf", "lr"),
+    ("eval --model {model} --batch-size 0", "--batch-size"),
+    ("eval --model {model} --samples -1", "--samples"),
+    ("eval --model {model} --n 0", "--n"),
+    ("eval --model {model} --max-new-tokens 0", "--max-new-tokens"),
+    ("eval --model {model} --n 2.5", "--n"),
+    ("eval --model {model} lr=1", "lr=1"),
+    ("eval --model {model} --config {lab}/badkey.yaml", "--config"),
+    ("eval --model {model} --hint bogus", "--hint"),
+    ("decode --model {model} --max-new-tokens 0", "--max-new-tokens"),
+    ("decode --model {model} --prompt 1+1", "--solution"),
+    # -- models
+    ("eval --model {lab}/nosuchfolder", "nosuchfolder"),
+    ("eval --model {lab}/noconfig", "noconfig"),
+    ("eval --model {lab}/truncated", "truncated"),
+    ("eval --model {lab}/garbage", "garbage"),
+    ("eval --model {lab}/notokenizer", "notokenizer"),
+    ("train --model {lab}/truncated --out {tmp}/o", "truncated"),
+    # -- data
+    ("eval --model {model} --data {lab}/missing.jsonl", "missing.jsonl"),
+    ("eval --model {model} --data {lab}/notjson.jsonl", "notjson.jsonl:2"),
+    ("eval --model {model} --data {lab}/latin1.jsonl", "latin1.jsonl:1"),
+    ("eval --model {model} --data {lab}/msgstr.jsonl", "msgstr.jsonl:1: field 'messages'"),
+    ("eval --model {model} --data {lab}/nosolution.jsonl", "nosolution.jsonl:1"),
+    ("eval --model {model} --data {lab}/long.jsonl", "long.jsonl:1"),
+    ("train --model {model} --data {lab}/long.jsonl --out {tmp}/o", "long.jsonl:1"),
+    ("train --model {model} --data {lab}/notjson.jsonl --out {tmp}/o", "notjson.jsonl:2"),
+    # -- output folders
+    ("train --model {model} --out {lab}/afile", "afile"),
+    ("train --model {model} --out {lab}/afile/under", "afile"),
+    ("pretrain --out {lab}/afile", "afile"),
+    ("pretrain --out {lab}/afile/under max_steps=1", "afile"),
+    ("compare --model {model} --out {lab}/afile", "afile"),
+    ("compare --model {model} --out {lab}/afile/x/y", "afile"),
+    # -- resuming
+    ("train --resume {lab}/norun", "norun"),
+    ("train --resume {lab}/run", "state.json"),
+    ("train --resume {lab}/run --rollouts 5", "--rollouts"),
+]
+
+
+@pytest.mark.parametrize("line,named", CASES, ids=[c[0].split(" --")[0] + ":" + c[1] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(line, named, lab, tiny_model, tmp_path, capsys):
+    argv = line.format(model=tiny_model, lab=lab, tmp=tmp_path).split()
+    before_lab, before_tmp = _snapshot(lab), _snapshot(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own checks exit this way, with the same one-line contract
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("handrail") and named in lines[0], err
+    assert _snapshot(lab) == before_lab and _snapshot(tmp_path) == before_tmp  # nothing created or changed
+
+
+def test_a_byte_order_mark_is_read_not_rejected(tmp_path, tiny_model, capsys):
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes("\ufeff".encode() + (json.dumps({"prompt": "1+1", "solution": "1+1=2\n#### 2"}) + "\n").encode())
+    assert main(["eval", "--model", tiny_model, "--data", str(data), "--samples", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 1
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--rollouts", "many"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rollouts" in err[0]
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
