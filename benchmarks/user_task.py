@@ -1,7 +1,7 @@
 """A task that is not one of the embedded ones, written as a user would write JSONL records, to
 try the lab on user data (`pretrain --data`, `train --data`, `compare --data`).
 
-    python benchmarks/user_task.py --out /tmp/ut      # writes train.jsonl, test.jsonl, answers.jsonl
+    python benchmarks/user_task.py --out /tmp/ut      # writes train.jsonl, test.jsonl, val.jsonl, answers.jsonl
 
 Problems are sums of products, `7*3+4*6+2*5`, worked one product per line and then the additions:
 
@@ -13,7 +13,8 @@ Problems are sums of products, `7*3+4*6+2*5`, worked one product per line and th
     #### 55
 
 `train.jsonl` has prompt, solution and answer; `answers.jsonl` the same problems with the answer
-only; `test.jsonl` held-out problems (disjoint prompts).
+only; `test.jsonl` held-out problems (disjoint prompts); `val.jsonl` validation problems for
+choosing hyperparameters (`compare ... sweep=... val_data=val.jsonl`), disjoint from both.
 """
 
 import argparse
@@ -54,12 +55,19 @@ def main():
         p = problem(rng, rng.choice(range(1, a.terms + 1)))
         if p["prompt"] not in seen:
             train.append(p)
+    seen |= {p["prompt"] for p in train}
+    val = []
+    while len(val) < a.test:
+        p = problem(rng, a.terms)
+        if p["prompt"] not in seen:
+            seen.add(p["prompt"])
+            val.append(p)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("test", test),
+    for name, rows in (("train", train), ("test", test), ("val", val),
                        ("answers", [{"prompt": r["prompt"], "answer": r["answer"]} for r in train])):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {len(train)} training and {len(test)} test problems to {out}")
+    print(f"wrote {len(train)} training, {len(test)} test and {len(val)} validation problems to {out}")
 
 
 if __name__ == "__main__":

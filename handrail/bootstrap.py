@@ -64,7 +64,7 @@ def bootstrap(lm, tokenizer, templates, records: list[Record], task, cfg, acc, l
                 kept[rec.source] = replace(rec, solution=text.strip())
         used += len(rows)
         bar.update(len(rows))
-        bar.set_postfix(solved=f"{len(kept)}/{start + len(problems)}")
+        bar.set_postfix(solved=f"{len(kept)}/{start + len(problems)}", refresh=False)
     bar.close()
     lm.train(was_training)
     stats = {"bootstrap/rollouts": used, "bootstrap/problems": len(pending), "bootstrap/solved": len(kept)}

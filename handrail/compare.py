@@ -40,9 +40,12 @@ class CompareConfig:
     scenarios: str = "full"  # comma-separated, from SCENARIOS: full | terse | answer | hard
     jobs: int = 0  # runs trained at once, each on one thread (0: one per CPU core; GPU runs: use 1)
     train: str = ""  # extra TrainConfig overrides for every run, "key=value,key=value"
+    sweep: str = ""  # "key=v1,v2,..." (e.g. lr=1e-5,3e-5,1e-4,3e-4): each method and scenario first tries every value on a validation split and then runs at its best
+    sweep_seeds: int = 1  # seeds per swept value (they differ from the comparison's seeds)
+    val_data: str | None = None  # with --data and sweep: the validation records (never the test file)
 
     RANGES = {"rollouts": "[1, )", "seeds": "[1, )", "samples_per_step": "[1, )", "group_size": "[1, )",
-              "eval_points": "[1, )", "jobs": "[0, )"}
+              "eval_points": "[1, )", "jobs": "[0, )", "sweep_seeds": "[1, )"}
 
     def validate(self):
         if not self.model:
@@ -55,10 +58,27 @@ class CompareConfig:
         if self.data and set(self.scenarios.split(",")) - {"full", "answer"}:
             raise ValueError("config key 'scenarios': with --data only full (the file as it is) and answer "
                              "(its solutions dropped) apply; put terse or harder records in the file itself")
+        if self.sweep and self.data and not self.val_data:
+            raise ValueError("config key 'val_data': a sweep on --data needs validation records of its own "
+                             "(hyperparameters are never chosen on the test records)")
+        swept = sweep_values(self.sweep)
         for seed in range(self.seeds):  # every run's config is checked before the first one trains
             for scenario in self.scenarios.split(","):
                 for spec in self.methods.split(","):
                     method_config(self, spec, seed, Path(self.out), scenario)
+                    for value in swept[1]:
+                        method_config(self, spec, seed, Path(self.out), scenario, {swept[0]: value})
+
+
+def sweep_values(text: str) -> tuple[str, list[str]]:
+    """'lr=1e-5,3e-5' -> ('lr', ['1e-5', '3e-5']); '' -> ('', [])."""
+    if not text.strip():
+        return "", []
+    key, sep, values = text.partition("=")
+    values = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not values:
+        raise C.ConfigError(f"config key 'sweep': expected key=value1,value2,..., got {text!r}")
+    return key.strip(), values
 
 
 # What each scenario changes in every method's TrainConfig (see DESIGN §3b):
@@ -70,7 +90,8 @@ SCENARIOS = {
 }
 
 
-def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario: str = "full") -> TrainConfig:
+def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario: str = "full",
+                  chosen: dict | None = None) -> TrainConfig:
     method, rule, rollout = (spec.split(":") + ["", ""])[:3]  # e.g. self-distill:none:guided
     steps = cfg.rollouts // cfg.samples_per_step
     kw = dict(model=cfg.model, out=str(out), task=cfg.task, data=cfg.data, eval_data=cfg.eval_data,
@@ -91,7 +112,7 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
     bad = next((item for item in extra if "=" not in item), None)
     if bad is not None:
         raise C.ConfigError(f"config key 'train': {bad!r} is not key=value")
-    return C.build(TrainConfig, overrides={**kw, **dict(item.split("=", 1) for item in extra)})
+    return C.build(TrainConfig, overrides={**kw, **dict(item.split("=", 1) for item in extra), **(chosen or {})})
 
 
 def curve(run: Path, per_step: int) -> list[dict]:
@@ -122,10 +143,16 @@ def compare(cfg: CompareConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out / "compare_config.json")
     (out / "environment.json").write_text(json.dumps(environment(cfg.model), indent=2) + "\n")
-    scenarios, report = cfg.scenarios.split(","), {"config": cfg.__dict__, "scenarios": {}}
+    scenarios, specs = cfg.scenarios.split(","), cfg.methods.split(",")
+    report = {"config": cfg.__dict__, "scenarios": {}}
+    chosen = _sweep(cfg, out, scenarios, specs, report, log) if cfg.sweep else {}
     todo = {(scenario, spec, seed): out / (f"{scenario}/" if len(scenarios) > 1 else "") / f"{spec.replace(':', '-')}-s{seed}"
-            for scenario in scenarios for spec in cfg.methods.split(",") for seed in range(cfg.seeds)}
-    summaries = _train_all(cfg, todo, log)
+            for scenario in scenarios for spec in specs for seed in range(cfg.seeds)}
+    summaries = _train_all(cfg, {key: method_config(cfg, key[1], key[2], run, key[0], chosen.get(key[:2]))
+                                 for key, run in todo.items()}, log)
+    failed = next((key for key, s in summaries.items() if "error" in s), None)
+    if failed:
+        raise ValueError(f"run {todo[failed]} failed ({summaries[failed]['error']}); the other runs are kept in {out}")
     for scenario in scenarios:
         results = {}
         for spec in cfg.methods.split(","):
@@ -136,6 +163,7 @@ def compare(cfg: CompareConfig, log=print) -> dict:
         report["scenarios"][scenario] = {"methods": results, "ratio": efficiency_ratio(results)}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     text = "\n".join((f"### scenario: {name}\n\n" if len(scenarios) > 1 else "") + table(r["methods"], r["ratio"])
+                     + _sweep_line(report.get("sweep", {}).get(name))
                      for name, r in report["scenarios"].items())
     (out / "table.md").write_text(text)
     plot(report["scenarios"], out / "accuracy.png")
@@ -144,8 +172,50 @@ def compare(cfg: CompareConfig, log=print) -> dict:
     return report
 
 
+def _sweep(cfg: CompareConfig, out: Path, scenarios: list[str], specs: list[str], report: dict, log) -> dict:
+    """Every (scenario, method) tries every swept value on the validation split (`sweep_seeds`
+    seeds, evaluated at the end), and keeps the value with the best mean validation pass@1 (the
+    first one listed on a tie). Returns {(scenario, spec): {key: value}} and records all of it."""
+    key, values = sweep_values(cfg.sweep)
+    held = {"eval_split": "validation", "eval_data": cfg.val_data, "eval_every": 0}
+    runs = {(scenario, spec, value, seed): method_config(
+                cfg, spec, 1000 + seed, out / "sweep" / scenario / f"{spec.replace(':', '-')}-{key}{value}-s{seed}",
+                scenario, {key: value, **held})
+            for scenario in scenarios for spec in specs for value in values for seed in range(cfg.sweep_seeds)}
+    log(f"[compare] sweep: {len(runs)} validation runs ({key} in {', '.join(values)})")
+    summaries = _train_all(cfg, runs, log)
+    chosen, record = {}, {}
+    for scenario in scenarios:
+        for spec in specs:
+            scores = {v: None if any("error" in summaries[scenario, spec, v, s] for s in range(cfg.sweep_seeds)) else
+                      statistics.mean(curve(Path(runs[scenario, spec, v, s].out), cfg.samples_per_step)[-1]["pass@1"]
+                                      for s in range(cfg.sweep_seeds)) for v in values}
+            if all(score is None for score in scores.values()):
+                raise ValueError(f"sweep: every {key} failed for {spec} in scenario {scenario}: "
+                                 f"{summaries[scenario, spec, values[0], 0]['error']}")
+            best = max((v for v in values if scores[v] is not None), key=lambda v: scores[v])  # first of equals
+            chosen[scenario, spec] = {key: best}
+            record.setdefault(scenario, {})[spec] = {"key": key, "validation_pass@1": scores, "chosen": best}
+    report["sweep"] = record
+    return chosen
+
+
+def _sweep_line(record: dict | None) -> str:
+    if not record:
+        return ""
+    parts = [f"{spec} {r['key']}={r['chosen']} ({r['validation_pass@1'][r['chosen']]:.1%} of "
+             + ", ".join("failed" if v is None else f"{v:.1%}" for v in r['validation_pass@1'].values()) + ")"
+             for spec, r in record.items()]
+    return "\nchosen on the validation split: " + "; ".join(parts) + "\n"
+
+
 def _train_one(cfg: TrainConfig) -> dict:
-    return train(cfg, log=lambda *_: None)
+    """A run's summary, or {"error": ...}: one failed run (a bootstrap that solved nothing, a
+    learning rate that blew up) must not take the finished ones down with it."""
+    try:
+        return train(cfg, log=lambda *_: None)
+    except (ValueError, RuntimeError) as e:
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
 
 def _quiet_worker() -> None:
@@ -158,14 +228,13 @@ def _quiet_worker() -> None:
     os.environ["HANDRAIL_NO_BAR"] = "1"
 
 
-def _train_all(cfg: CompareConfig, todo: dict, log) -> dict:
-    """Train every run, `jobs` at a time in separate processes. Each run is pinned to one thread
-    unless `train=threads=N` says otherwise, so its result does not depend on how many ran beside it."""
+def _train_all(cfg: CompareConfig, configs: dict, log) -> dict:
+    """Train every run ({key: TrainConfig}), `jobs` at a time in separate processes. Each run is
+    pinned to one thread unless `train=threads=N` says otherwise, so its result does not depend on
+    how many ran beside it."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    
-    configs = {key: method_config(cfg, key[1], key[2], run, key[0]) for key, run in todo.items()}
     for c in configs.values():
         c.threads = c.threads or 1
     jobs = min(cfg.jobs or os.cpu_count() or 1, len(configs))
@@ -175,7 +244,7 @@ def _train_all(cfg: CompareConfig, todo: dict, log) -> dict:
         for key, c in configs.items():
             done[key] = _train_one(c)
             bar.update(1)
-            log(f"[compare] {key[0]}: {key[1]} seed {key[2]}: done")
+            log(f"[compare] {' '.join(map(str, key))}: done")
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_quiet_worker) as pool:
             futures = {pool.submit(_train_one, c): key for key, c in configs.items()}
@@ -183,7 +252,7 @@ def _train_all(cfg: CompareConfig, todo: dict, log) -> dict:
                 key = futures[f]
                 done[key] = f.result()
                 bar.update(1)
-                log(f"[compare] {key[0]}: {key[1]} seed {key[2]}: done")
+                log(f"[compare] {' '.join(map(str, key))}: done")
     bar.close()
     return done
 
@@ -205,9 +274,34 @@ def efficiency_ratio(results: dict) -> dict:
                f"accuracy {target:.1%} (GRPO did not improve on it)")
         return {"ratio": None, "target": target, "grpo_rollouts": n_g, "sd_rollouts": 0, "message": msg}
     ratio = n_g / n_sd
+    per_seed = _per_seed_ratios(results["grpo"]["runs"], results[sd]["runs"])
+    wall = _seconds_at(results["grpo"]["runs"], n_g) / max(_seconds_at(results[sd]["runs"], n_sd), 1e-9)
+    spread = ""
+    if per_seed and all(r is not None for r in per_seed):
+        spread = f"; per seed, to its own GRPO best: {statistics.mean(per_seed):.2f} ± {statistics.pstdev(per_seed):.2f}"
+    elif per_seed:
+        spread = f"; per seed, to its own GRPO best: {', '.join('n/a' if r is None else f'{r:.2f}' for r in per_seed)}"
     msg = (f"sample-efficiency ratio: {ratio:.2f} (GRPO reaches its best {target:.1%} at {n_g} rollouts, "
-           f"{sd} at {n_sd}; mean curves over seeds)")
-    return {"ratio": ratio, "target": target, "grpo_rollouts": n_g, "sd_rollouts": n_sd, "message": msg}
+           f"{sd} at {n_sd}; mean curves over seeds{spread}); wall-clock ratio to the same target {wall:.2f}")
+    return {"ratio": ratio, "target": target, "grpo_rollouts": n_g, "sd_rollouts": n_sd, "per_seed": per_seed,
+            "wall_clock_ratio": wall, "message": msg}
+
+
+def _per_seed_ratios(grpo_runs: list, sd_runs: list) -> list[float | None]:
+    """Seed i of GRPO against seed i of self-distillation, to GRPO seed i's own best accuracy:
+    None where self-distillation never reaches it (or starts there)."""
+    out = []
+    for g, d in zip(grpo_runs, sd_runs):
+        target = max(p["pass@1"] for p in g["curve"])
+        n_g = samples_to_reach([(p["samples"], p["pass@1"]) for p in g["curve"]], target)
+        n_sd = samples_to_reach([(p["samples"], p["pass@1"]) for p in d["curve"]], target)
+        out.append(n_g / n_sd if n_g and n_sd else None)
+    return out
+
+
+def _seconds_at(runs: list, samples: int) -> float:
+    """Mean wall-clock seconds the runs had spent when they had drawn `samples` samples."""
+    return statistics.mean(next(p["seconds"] for p in r["curve"] if p["samples"] >= samples) for r in runs)
 
 
 def table(results: dict, ratio: dict) -> str:

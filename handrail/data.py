@@ -74,7 +74,10 @@ def load_records(path: str | Path) -> list[Record]:
     if path.is_dir():
         import datasets
 
-        rows = enumerate(datasets.load_from_disk(str(path)), start=1)
+        try:
+            rows = enumerate(datasets.load_from_disk(str(path)), start=1)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{path}: a folder, but not one saved by datasets' save_to_disk ({str(e).splitlines()[0]})") from None
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

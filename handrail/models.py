@@ -35,7 +35,8 @@ def smollm2_path() -> Path:
     return files[0]
 
 
-def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               templates: str | None = None):
     """Returns (model, tokenizer, templates). `spec` is a folder, a .gguf file, 'smollm2', 'default'
     (the embedded default base, built by `handrail pretrain`'s recipe and cached), or a hub id
     (which needs network or a local cache)."""
@@ -83,7 +84,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     bad = nonfinite_weight(model)
     if bad is not None:
         raise ModelError(f"model {spec}: weight {bad!r} holds NaN or infinite values")
-    return model.to(device).eval(), tokenizer, templates_for(path if path.is_dir() else None, tokenizer)
+    return model.to(device).eval(), tokenizer, templates_for(path if path.is_dir() else None, tokenizer, templates)
 
 
 def _first_line(e: Exception) -> str:
@@ -105,11 +106,26 @@ def resolve(spec: str) -> Path:
     return Path(spec)
 
 
-def templates_for(folder: Path | None, tokenizer) -> Templates:
-    """A tiny model's own templates if it has them; otherwise the defaults."""
+def templates_for(folder: Path | None, tokenizer, given: str | None = None) -> Templates:
+    """The templates in `given` (a JSON file with "student" and "teacher"), else a tiny model's
+    own (its handrail.json), else the defaults. A model folder handrail did not build gets the
+    default English templates, which a model trained on other prompts may not understand, so
+    that choice is said out loud."""
+    if given:
+        try:
+            loaded = json.loads(Path(given).read_text())
+            return Templates(**{k: loaded[k] for k in ("student", "teacher")})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"templates {given}: expected a JSON object with string fields 'student' "
+                             f"and 'teacher' ({type(e).__name__}: {e})") from None
     if folder is not None and (folder / HANDRAIL_META).exists():
         meta = json.loads((folder / HANDRAIL_META).read_text())
         return Templates(**meta["templates"])
+    if folder is not None and not getattr(tokenizer, "chat_template", None):
+        import sys
+
+        print(f"note: {folder} has no {HANDRAIL_META} and no chat template: using the default English "
+              f"prompt templates (give your own with templates=FILE.json / --templates FILE.json)", file=sys.stderr)
     return Templates()
 
 

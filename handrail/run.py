@@ -23,6 +23,8 @@ def eval_records(task: str | None, data: str | None, level: int | None = None,
         records = load_records(data)
         return None, records[:n] if n else records
     t = get_task(task or DEFAULT_TASK)
+    if level is not None and level not in t.levels:
+        raise ValueError(f"--level {level}: task {t.name} has levels {min(t.levels)}-{max(t.levels)}")
     return t, records_from_task(t.split("test", n or t.test_size, level))
 
 

@@ -110,11 +110,15 @@ class StepArithmeticTask:
 
     # -- splits: held-out problems never appear in training data ---------------------------------
     def split(self, split: str, n: int, level: int | None = None, seed: int = 0) -> list[Problem]:
-        """`n` problems. `test` problems are distinct and come from their own seed stream; `train`
-        draws never contain a test prompt (but may repeat, since easy levels are small)."""
+        """`n` problems. `test` problems are distinct and come from their own seed stream;
+        `validation` ones too, and are never test problems; `train` draws never contain a test
+        prompt (but may repeat, since easy levels are small, and may meet a validation one)."""
         level = self.post_level if level is None else level
         if split == "test":
             return self._draw(random.Random(f"{self.name}/test/{level}"), n, level, set(), distinct=True)
+        if split == "validation":  # for choosing hyperparameters: distinct, and never a test problem
+            exclude = {p.prompt for p in self.split("test", self.test_size, level)}
+            return self._draw(random.Random(f"{self.name}/validation/{level}"), n, level, exclude, distinct=True)
         exclude = {p.prompt for p in self.split("test", self.test_size, level)}
         return self._draw(random.Random(f"{self.name}/{split}/{level}/{seed}"), n, level, exclude, distinct=False)
 

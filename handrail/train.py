@@ -52,6 +52,7 @@ def _registry(module: str, name: str):
 @dataclass
 class TrainConfig:
     model: str = ""  # HF folder / hub id / .gguf / 'smollm2'
+    templates: str | None = None  # JSON file with "student" and "teacher" prompt templates (default: the model's own, else English)
     out: str = "runs/train"  # run folder: config.json, metrics.jsonl, checkpoint/, model/
     task: str | None = None  # embedded task (default: chain); ignored with `data`
     data: str | None = None  # JSONL / Parquet / datasets folder of training records
@@ -92,6 +93,7 @@ class TrainConfig:
     level: int | None = None  # task difficulty to train and evaluate on (default: task's post level)
     train_n: int = 2000  # training problems drawn from the task
     eval_n: int = 200  # held-out problems (0: no evaluation)
+    eval_split: str = "test"  # embedded tasks: test | validation (distinct from test: for choosing hyperparameters)
     eval_every: int = 8  # steps between evaluations (0: only at the start and end)
     eval_samples: int = 0  # sampled completions per eval problem, besides greedy
     checkpoint_every: int = 16  # steps between checkpoints (0: only at the end)
@@ -117,6 +119,7 @@ class TrainConfig:
         "rollout": ("student", "guided", "logged"), "bootstrap_rollout": ("student", "guided"),
         "grpo_loss": ("dapo", "grpo", "dr_grpo"), "hint": ("solution", "answer"), "reference": ("full", "terse", "answer"),
         "mixed_precision": ("no", "bf16", "fp16"), "truncate": ("error", "left"),
+        "eval_split": ("test", "validation"),
     }
 
     def validate(self):
@@ -129,6 +132,9 @@ class TrainConfig:
         if self.bootstrap_k and self.bootstrap_rollouts >= self.rollouts:
             raise ValueError(f"config key 'bootstrap_rollouts': {self.bootstrap_rollouts} leaves nothing of "
                              f"the budget rollouts={self.rollouts} for training")
+        if self.method == "grpo" and self.samples_per_prompt < 2:
+            raise ValueError("config key 'samples_per_prompt': grpo compares completions within a group, "
+                             f"so it needs at least 2 per prompt, got {self.samples_per_prompt}")
         if self.rollouts < self.rollouts_per_step:
             raise ValueError(f"config key 'rollouts': {self.rollouts} does not buy one step of "
                              f"prompts_per_step x samples_per_prompt = {self.rollouts_per_step} rollouts")
@@ -195,7 +201,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     _resolve_logged(cfg, train_recs, log)
 
     # -- model, method (before anything is written: a model that fails to load leaves no run) ----
-    initial, tokenizer, templates = load_model(cfg.model, device=acc.device)
+    initial, tokenizer, templates = load_model(cfg.model, device=acc.device, templates=cfg.templates)
     limit = positions(initial) and positions(initial) - cfg.max_new_tokens
     hints = ("none", cfg.hint) if cfg.method == "self-distill" else ("none",)
     train_recs = fit_records(tokenizer, train_recs, templates, limit, cfg.truncate, hints)
@@ -307,7 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         _log(acc, out, row)
         bar.update(1)
         bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
-                         if k in ("loss/total", "teacher/kl", "eval/pass@1", "reward/mean")})
+                         if k in ("loss/total", "teacher/kl", "eval/pass@1", "reward/mean")}, refresh=False)
         if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
             _save_checkpoint(acc, out, policy, opt, method, state, tokenizer, templates)
     bar.close()
@@ -331,7 +337,7 @@ def _records(cfg: TrainConfig):
         task = get_task(cfg.task or DEFAULT_TASK)
         level = cfg.level or task.post_level
         train_recs = records_from_task(task.split("train", cfg.train_n, level, seed=cfg.seed))
-        eval_recs = records_from_task(task.split("test", cfg.eval_n, level)) if cfg.eval_n else []
+        eval_recs = records_from_task(task.split(cfg.eval_split, cfg.eval_n, level)) if cfg.eval_n else []
     return task, [with_reference(r, cfg.reference, task) for r in train_recs], eval_recs
 
 

@@ -75,6 +75,7 @@ CASES = [
     ("train --model {model} --out {tmp}/o mixed_precision=fp8", "mixed_precision"),
     ("train --model {model} --out {tmp}/o scale_rewards=maybe", "scale_rewards"),
     ("train --model {model} --out {tmp}/o nonsense_key=1", "nonsense_key"),
+    ("train --model {model} --out {tmp}/o --method grpo samples_per_prompt=1", "samples_per_prompt"),
     ("train --model {model} --out {tmp}/o oops", "oops"),
     ("train --model {model} --out {tmp}/o --config {lab}/missing.yaml", "missing.yaml"),
     ("train --model {model} --out {tmp}/o --config {lab}/list.yaml", "list.yaml"),
@@ -99,6 +100,11 @@ CASES = [
     ("eval --model {model} lr=1", "lr=1"),
     ("eval --model {model} --config {lab}/badkey.yaml", "--config"),
     ("eval --model {model} --hint bogus", "--hint"),
+    ("eval --model {model} --level 99", "--level 99"),
+    ("eval --model {model} --temperature -1", "--temperature"),
+    ("eval --model {model} --data {lab}/noconfig", "noconfig"),
+    ("decode --model {model} --rule considered", "--rule"),
+    ("decode --model {model} --delta -1", "--delta"),
     ("decode --model {model} --max-new-tokens 0", "--max-new-tokens"),
     ("decode --model {model} --prompt 1+1", "--solution"),
     # -- models
@@ -108,6 +114,8 @@ CASES = [
     ("eval --model {lab}/garbage", "garbage"),
     ("eval --model {lab}/notokenizer", "notokenizer"),
     ("train --model {lab}/truncated --out {tmp}/o", "truncated"),
+    ("eval --model {model} --templates {lab}/afile", "afile"),
+    ("train --model {model} --out {tmp}/o templates={lab}/list.yaml", "list.yaml"),
     # -- data
     ("eval --model {model} --data {lab}/missing.jsonl", "missing.jsonl"),
     ("eval --model {model} --data {lab}/notjson.jsonl", "notjson.jsonl:2"),
@@ -152,6 +160,19 @@ def test_a_byte_order_mark_is_read_not_rejected(tmp_path, tiny_model, capsys):
     data.write_bytes("\ufeff".encode() + (json.dumps({"prompt": "1+1", "solution": "1+1=2\n#### 2"}) + "\n").encode())
     assert main(["eval", "--model", tiny_model, "--data", str(data), "--samples", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 1
+
+
+def test_a_model_folder_without_handrail_json_says_which_templates_it_gets(tmp_path, tiny_model, capsys):
+    folder = tmp_path / "foreign"
+    shutil.copytree(tiny_model, folder)
+    (folder / "handrail.json").unlink()
+    args = ["eval", "--model", str(folder), "--n", "2", "--samples", "0", "--json"]
+    assert main(args) == 0
+    assert "default English prompt templates" in capsys.readouterr().err
+    own = tmp_path / "templates.json"
+    own.write_text(json.dumps(json.loads((Path(tiny_model) / "handrail.json").read_text())["templates"]))
+    assert main(args + ["--templates", str(own)]) == 0
+    assert "templates" not in capsys.readouterr().err
 
 
 def test_argument_errors_are_one_line(capsys):

@@ -59,6 +59,32 @@ def test_compare_runs_each_scenario_and_records_what_reproduces_it(tiny_model, t
     assert bad.returncode == 2 and "nonsense" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+def test_compare_sweeps_on_the_validation_split_and_runs_each_method_at_its_best(tiny_model, tmp_path):
+    out = tmp_path / "cmp"
+    p = run("compare", "--model", tiny_model, "--methods", "sft,grpo", "--rollouts", "16", "--seeds", "1",
+            "--out", str(out), "samples_per_step=8", "eval_points=1", "sweep=lr=1e-5,3e-3",
+            "train=eval_n=8,max_new_tokens=24,level=2,train_n=64")
+    sweep = json.loads((out / "results.json").read_text())["sweep"]["full"]
+    for spec in ("sft", "grpo"):
+        scores = sweep[spec]["validation_pass@1"]
+        assert set(scores) == {"1e-5", "3e-3"} and sweep[spec]["key"] == "lr"
+        assert scores[sweep[spec]["chosen"]] == max(scores.values())
+        main_run = json.loads((out / f"{spec}-s0" / "config.json").read_text())
+        assert main_run["lr"] == float(sweep[spec]["chosen"]) and main_run["eval_split"] == "test"
+        tried = json.loads((out / "sweep" / "full" / f"{spec}-lr3e-3-s0" / "config.json").read_text())
+        assert tried["eval_split"] == "validation" and tried["seed"] != main_run["seed"]
+    assert "chosen on the validation split: sft lr=" in p.stdout
+
+
+def test_validation_problems_are_never_test_problems():
+    from handrail.tasks import get_task
+
+    task = get_task("chain")
+    test = {q.prompt for q in task.split("test", 200, 4)}
+    val = [q.prompt for q in task.split("validation", 200, 4)]
+    assert len(set(val)) == 200 and not test & set(val)
+
+
 def test_quick_demo(tmp_path):
     p = run("demo", "--quick", "--out", str(tmp_path / "demo"), env={"HANDRAIL_CACHE": str(tmp_path / "cache")})
     assert "| self-distill |" in p.stdout and "plot:" in p.stdout
@@ -66,11 +92,15 @@ def test_quick_demo(tmp_path):
 
 
 def test_efficiency_ratio_cases():
-    def res(g, s):
-        return {"grpo": {"mean": [(i * 16, v, 0) for i, v in enumerate(g)]},
-                "self-distill": {"mean": [(i * 16, v, 0) for i, v in enumerate(s)]}}
+    def one(curve):
+        return {"mean": [(i * 16, v, 0) for i, v in enumerate(curve)],
+                "runs": [{"curve": [{"samples": i * 16, "pass@1": v, "seconds": i * 2.0} for i, v in enumerate(curve)]}]}
 
-    assert efficiency_ratio(res([0.1, 0.2, 0.3, 0.4], [0.1, 0.4, 0.4, 0.5]))["ratio"] == 3.0
+    def res(g, s):
+        return {"grpo": one(g), "self-distill": one(s)}
+
+    r = efficiency_ratio(res([0.1, 0.2, 0.3, 0.4], [0.1, 0.4, 0.4, 0.5]))
+    assert r["ratio"] == 3.0 and r["per_seed"] == [3.0] and r["wall_clock_ratio"] == 3.0
     assert efficiency_ratio(res([0.1, 0.2], [0.1, 0.15]))["ratio"] is None
     # the target is GRPO's best, not its last: a GRPO that peaks and falls still defines one
     assert efficiency_ratio(res([0.1, 0.3, 0.2], [0.1, 0.3, 0.4]))["ratio"] == 1.0
