@@ -50,7 +50,7 @@ class PretrainConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    seed: int = 1  # seeds 1-3 natively and seed 1 under AVX2 and default emulation: all in the band (BENCHMARKS.md §L1)
+    seed: int = 1  # seeds 1-3 x native, AVX2 and default instruction sets: 9 of 9 builds in the band (BENCHMARKS.md §L1)
     n_problems: int = 20000  # training problems drawn from the task (per level mix)
     plain_frac: float = 0.4  # share of plain student-prompt examples (rest are hinted: the teacher has more to learn)
     answer_hint_frac: float = 0.2  # share of hinted examples whose hint is only the final answer

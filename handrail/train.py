@@ -212,7 +212,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     method = METHODS[cfg.method](cfg, initial, tokenizer, templates, task)  # copies what it keeps
     state = State()
     if ckpt:
-        state = _load_checkpoint(out, ckpt, lm, opt, method, acc.device, log)
+        state = _load_checkpoint(out, lm, opt, method, acc.device, log)
     acc.wait_for_everyone()  # every process has checked before the main one writes
     if acc.is_main_process:
         if restart:
@@ -410,7 +410,7 @@ def _checkpoint_dir(out: Path) -> Path | None:
     return next((out / name for name in CHECKPOINTS if (out / name / "state.json").exists()), None)
 
 
-def _load_checkpoint(out: Path, first: Path, lm, opt, method, device, log) -> State:
+def _load_checkpoint(out: Path, lm, opt, method, device, log) -> State:
     """Weights, optimizer, method and state from the newest checkpoint that loads; a damaged one
     is named and passed over for the one before it, and if none loads the error names the file."""
     damaged = []
