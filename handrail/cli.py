@@ -45,7 +45,6 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 def cmd_pretrain(a) -> int:
     from handrail.pretrain import PretrainConfig, pretrain
-
     from handrail.run import check_out
 
     cfg = C.build(PretrainConfig, a.config, a.overrides, out=a.out, task=a.task, data=a.data, seed=a.seed)
@@ -55,7 +54,7 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from handrail.evaluate import evaluate, fit_records, positions
+    from handrail.evaluate import evaluate, fit_records, prompt_limit
     from handrail.models import load_model
     from handrail.run import eval_records
 
@@ -66,8 +65,7 @@ def cmd_eval(a) -> int:
                             f"(see handrail eval --help), not config keys")
     task, records = eval_records(a.task, a.data, a.level, a.n)
     model, tokenizer, templates = load_model(a.model, templates=a.templates)
-    limit = positions(model)
-    records = fit_records(tokenizer, records, templates, limit and limit - a.max_new_tokens, a.truncate, (a.hint,))
+    records = fit_records(tokenizer, records, templates, prompt_limit(model, a.max_new_tokens), a.truncate, (a.hint,))
     res = evaluate(model, tokenizer, templates, records, task=task, hint=a.hint, samples=a.samples,
                    max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                    temperature=a.temperature, seed=a.seed)
@@ -82,9 +80,8 @@ def cmd_eval(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from handrail.train import TrainConfig, train
-
     from handrail.run import check_out
+    from handrail.train import TrainConfig, train
 
     flags = {k: getattr(a, k) for k in ("model", "task", "data", "method", "rule", "teacher",
                                          "rollouts", "seed", "out", "config")}
@@ -124,9 +121,7 @@ def cmd_compare(a) -> int:
 
 def cmd_demo(a) -> int:
     from handrail.compare import CompareConfig, compare
-    from handrail.run import default_base_model
-
-    from handrail.run import check_out
+    from handrail.run import check_out, default_base_model
 
     out = a.out or _free_dir("runs/demo-quick" if a.quick else "runs/demo")
     check_out(out)
@@ -152,9 +147,7 @@ def cmd_decode(a) -> int:
     from handrail.models import load_model, stop_ids
     from handrail.rollout import Guide, sample
     from handrail.run import eval_records
-    from handrail.targets import make_rule
-
-    from handrail.targets import NEEDS_INITIAL, RULES
+    from handrail.targets import NEEDS_INITIAL, RULES, make_rule
 
     usable = [r for r in RULES if r not in NEEDS_INITIAL]
     if a.rule not in usable:

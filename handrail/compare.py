@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handrail import config as C
+from handrail.models import first_line
 from handrail.train import TrainConfig, train
 from handrail.run import progress
 
@@ -215,7 +216,7 @@ def _train_one(cfg: TrainConfig) -> dict:
     try:
         return train(cfg, log=lambda *_: None)
     except (ValueError, RuntimeError) as e:
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        return {"error": f"{type(e).__name__}: {first_line(e)}"}
 
 
 def _quiet_worker() -> None:

@@ -35,9 +35,11 @@ def prompt_ids(tokenizer, records: list[Record], templates: Templates, hint: str
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def positions(model) -> int | None:
-    """How many token positions the model can attend over (None: unstated)."""
-    return getattr(model.config, "max_position_embeddings", None)
+def prompt_limit(model, max_new_tokens: int) -> int | None:
+    """How many tokens a prompt may have so that it and `max_new_tokens` fit in the model's
+    positions (None: the model states no limit)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return None if positions is None else positions - max_new_tokens
 
 
 def fit_records(tokenizer, records: list[Record], templates: Templates, limit: int | None,
@@ -47,21 +49,32 @@ def fit_records(tokenizer, records: list[Record], templates: Templates, limit: i
     the end (usually the question itself) is kept. Nothing is ever sized by an unbounded prompt."""
     if limit is None:
         return records
-    out = []
-    for rec in records:
-        usable = [h for h in hints if h == "none" or rec.solution or h == "answer" and rec.answer is not None]
-        longest = max(len(ids) for h in usable for ids in prompt_ids(tokenizer, [rec], templates, h))
-        if longest > limit and truncate == "left" and isinstance(rec.prompt, str):
+
+    def usable(rec: Record) -> list[str]:
+        return [h for h in hints if h == "none" or rec.solution or h == "answer" and rec.answer is not None]
+
+    def longest(rec: Record) -> int:
+        return max(len(ids) for h in usable(rec) for ids in prompt_ids(tokenizer, [rec], templates, h))
+
+    lengths = [0] * len(records)
+    for h in hints:  # one batched tokenizer call per hint, not one per record
+        rows = [i for i, rec in enumerate(records) if h in usable(rec)]
+        for i, ids in zip(rows, prompt_ids(tokenizer, [records[i] for i in rows], templates, h)):
+            lengths[i] = max(lengths[i], len(ids))
+    out = list(records)
+    for i in (i for i, n in enumerate(lengths) if n > limit):
+        rec, n = records[i], lengths[i]
+        if truncate == "left" and isinstance(rec.prompt, str):
             text_ids = tokenizer(rec.prompt, add_special_tokens=False)["input_ids"]
-            keep = len(text_ids) - (longest - limit)
+            keep = len(text_ids) - (n - limit)
             if keep > 0:
                 rec = replace(rec, prompt=tokenizer.decode(text_ids[-keep:]))
-                longest = max(len(ids) for h in usable for ids in prompt_ids(tokenizer, [rec], templates, h))
-        if longest > limit:
-            raise DataError(f"{rec.source}: field 'prompt': {longest} tokens with its template, more than the "
+                n = longest(rec)
+        if n > limit:
+            raise DataError(f"{rec.source}: field 'prompt': {n} tokens with its template, more than the "
                             f"{limit} the model's positions leave beside the completion; shorten it"
                             + ("" if truncate == "left" else ", or truncate it from the left (train: truncate=left; eval: --truncate left)"))
-        out.append(rec)
+        out[i] = rec
     return out
 
 

@@ -66,12 +66,12 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as e:  # noqa: BLE001 - whatever a damaged or missing file raises
-        raise ModelError(f"model {spec}: cannot load its tokenizer ({_first_line(e)})") from None
+        raise ModelError(f"model {spec}: cannot load its tokenizer ({first_line(e)})") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
     except Exception as e:  # noqa: BLE001 - OSError, SafetensorError, ... from a damaged file
         files = sorted(f.name for f in path.glob("*.safetensors")) if path.is_dir() else [path.name]
-        raise ModelError(f"model {spec}: cannot load its weights {', '.join(files) or ''} ({_first_line(e)})") from None
+        raise ModelError(f"model {spec}: cannot load its weights {', '.join(files) or ''} ({first_line(e)})") from None
     if "gguf_file" in kwargs:
         # transformers dequantizes GGUF weights to `dtype` on load but keeps a quantizer tag that
         # refuses save_pretrained; the weights are ordinary tensors, so drop the tag
@@ -87,7 +87,8 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     return model.to(device).eval(), tokenizer, templates_for(path if path.is_dir() else None, tokenizer, templates)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first non-empty line of an exception's message (its type's name if there is none)."""
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 

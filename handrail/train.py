@@ -35,8 +35,8 @@ from handrail.bootstrap import bootstrap, needs_bootstrap
 from handrail.bootstrap import load as load_bootstrap
 from handrail.bootstrap import save as save_bootstrap
 from handrail.data import load_records, records_from_task, reference_answer
-from handrail.evaluate import evaluate, fit_records, positions, prompt_ids
-from handrail.models import HiddenStates, load_model, nonfinite_weight, save_model, stop_ids
+from handrail.evaluate import evaluate, fit_records, prompt_ids, prompt_limit
+from handrail.models import HiddenStates, first_line, load_model, nonfinite_weight, save_model, stop_ids
 from handrail.rollout import sample
 from handrail.tasks import DEFAULT_TASK, get_task
 from handrail.run import progress
@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     out = Path(cfg.out)
-    ckpt = _checkpoint_dir(out)
+    ckpt = next(iter(_checkpoints(out)), None)
     if not resume and (out / "metrics.jsonl").exists() and (ckpt or (out / "model").exists()):
         raise ValueError(f"{out}: already holds a run (metrics.jsonl); continue it with --resume {out} "
                          f"or choose another --out")
@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
     # -- model, method (before anything is written: a model that fails to load leaves no run) ----
     initial, tokenizer, templates = load_model(cfg.model, device=acc.device, templates=cfg.templates)
-    limit = positions(initial) and positions(initial) - cfg.max_new_tokens
+    limit = prompt_limit(initial, cfg.max_new_tokens)
     hints = ("none", cfg.hint) if cfg.method == "self-distill" else ("none",)
     train_recs = fit_records(tokenizer, train_recs, templates, limit, cfg.truncate, hints)
     eval_recs = fit_records(tokenizer, eval_recs, templates, limit, cfg.truncate, ("none",))
@@ -406,15 +406,16 @@ def _log(acc, out: Path, row: dict) -> None:
 CHECKPOINTS = ("checkpoint", "checkpoint.old", "checkpoint.prev")  # newest first; .old survives a crash mid-swap
 
 
-def _checkpoint_dir(out: Path) -> Path | None:
-    return next((out / name for name in CHECKPOINTS if (out / name / "state.json").exists()), None)
+def _checkpoints(out: Path) -> list[Path]:
+    """The run's complete checkpoints (state.json is written last), newest first."""
+    return [out / name for name in CHECKPOINTS if (out / name / "state.json").exists()]
 
 
 def _load_checkpoint(out: Path, lm, opt, method, device, log) -> State:
     """Weights, optimizer, method and state from the newest checkpoint that loads; a damaged one
     is named and passed over for the one before it, and if none loads the error names the file."""
     damaged = []
-    for c in [out / name for name in CHECKPOINTS if (out / name / "state.json").exists()]:
+    for c in _checkpoints(out):
         part = c / "state.json"
         try:
             state = State(**json.loads(part.read_text()))
@@ -423,7 +424,7 @@ def _load_checkpoint(out: Path, lm, opt, method, device, log) -> State:
             for part, target in ((c / "optimizer.pt", opt), (c / "method.pt", method)):
                 target.load_state_dict(torch.load(part, map_location=device, weights_only=True))
         except Exception as e:  # noqa: BLE001 - any damage: try the previous checkpoint
-            damaged.append(f"{part} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            damaged.append(f"{part} ({first_line(e)})")
             continue
         if damaged:
             log(f"WARNING: damaged checkpoint file {damaged[0]}; resuming from {c} (step {state.step}) instead")
