@@ -175,6 +175,23 @@ def test_a_model_folder_without_handrail_json_says_which_templates_it_gets(tmp_p
     assert "templates" not in capsys.readouterr().err
 
 
+def test_truncate_left_keeps_the_end_of_a_prompt_too_long_for_the_model(tiny_model):
+    from handrail.data import Record
+    from handrail.evaluate import fit_records, prompt_ids, prompt_limit
+    from handrail.models import load_model
+
+    model, tok, tpl = load_model(tiny_model)
+    limit = prompt_limit(model, 24)
+    rec = Record("1" * 5000 + "+2", "3+2=5\n#### 5", source="f:1")
+    fitted = fit_records(tok, [rec], tpl, limit, "left")[0]
+    assert fitted.prompt.endswith("1+2") and len(fitted.prompt) < len(rec.prompt)
+    assert max(len(ids) for h in ("none", "solution") for ids in prompt_ids(tok, [fitted], tpl, h)) <= limit
+    short = Record("1+2", "1+2=3\n#### 3", source="f:2")
+    assert fit_records(tok, [short], tpl, limit, "error") == [short]
+    with pytest.raises(Exception, match="f:1: field 'prompt'"):
+        fit_records(tok, [short, rec], tpl, limit, "error")
+
+
 def test_argument_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--rollouts", "many"])
