@@ -1,5 +1,7 @@
-"""Peak memory of the distillation loss, chunked over the sequence vs naive, at SmolLM2's
-vocabulary (49,152) and width (576), with 1,024-token completions.
+"""Peak memory and time of the distillation loss at SmolLM2's vocabulary (49,152) and width
+(576), with 1,024-token completions: naive (one piece), chunked under activation checkpointing
+(each chunk recomputed in backward), and fused (the gradient p_S - q taken in forward, chunk by
+chunk; what training uses for a plain linear head).
 
     python benchmarks/loss_memory.py [--batch 2] [--tokens 1024] [--rule trust-region]
 
@@ -18,7 +20,7 @@ import time
 def child(mode: str, B: int, T: int, rule: str) -> dict:
     import torch
 
-    from handrail.objectives import chunked_sum, distill_chunk, naive_sum
+    from handrail.objectives import chunked_sum, distill_chunk, fused_distill_sum, naive_sum
     from handrail.targets import make_rule
 
     torch.manual_seed(0)
@@ -28,9 +30,12 @@ def child(mode: str, B: int, T: int, rule: str) -> dict:
     hidden_T, mask = torch.randn(B, T, H), torch.ones(B, T)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.time()
-    fn = distill_chunk(make_rule(rule))
-    summer = chunked_sum if mode == "chunked" else naive_sum
-    out = summer(fn, hidden, head, mask, None, chunk_size=128, refs=((hidden_T, head_T), None))
+    refs = ((hidden_T, head_T), None)
+    if mode == "fused":
+        out = fused_distill_sum(make_rule(rule), hidden, head, mask, None, refs=refs, chunk_size=128)
+    else:
+        summer = chunked_sum if mode == "chunked" else naive_sum
+        out = summer(distill_chunk(make_rule(rule)), hidden, head, mask, None, chunk_size=128, refs=refs)
     out[0].backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"mode": mode, "extra_peak_MiB": round((peak - base) / 1024), "seconds": round(time.time() - t, 2),
@@ -42,15 +47,17 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--rule", default="trust-region")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each variant, interleaved")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.batch, a.tokens, a.rule)))
         return
-    for mode in ("chunked", "naive"):
-        p = subprocess.run([sys.executable, __file__, "--child", mode, "--batch", str(a.batch), "--tokens",
-                            str(a.tokens), "--rule", a.rule], capture_output=True, text=True)
-        print(p.stdout.strip() or p.stderr.strip().splitlines()[-1])
+    for _ in range(a.repeat):
+        for mode in ("naive", "chunked", "fused"):
+            p = subprocess.run([sys.executable, __file__, "--child", mode, "--batch", str(a.batch), "--tokens",
+                                str(a.tokens), "--rule", a.rule], capture_output=True, text=True)
+            print(p.stdout.strip() or p.stderr.strip().splitlines()[-1], flush=True)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,11 @@ def cmd_eval(a) -> int:
     if a.overrides or a.config:  # eval has flags only: refuse what it would otherwise ignore
         raise C.ConfigError(f"{a.overrides[0] if a.overrides else '--config'}: eval takes flags only "
                             f"(see handrail eval --help), not config keys")
-    task, records = eval_records(a.task, a.data, a.level, a.n)
+    try:
+        task, records = eval_records(a.task, a.data, a.level, a.n, a.fields, a.verifier)
+    except ValueError as e:  # name the flag, not the config key
+        raise C.ConfigError(str(e).replace("config key 'verifier'", "--verifier")
+                            .replace("config key 'fields'", "--fields")) from None
     model, tokenizer, templates = load_model(a.model, templates=a.templates)
     records = fit_records(tokenizer, records, templates, prompt_limit(model, a.max_new_tokens), a.truncate, (a.hint,))
     res = evaluate(model, tokenizer, templates, records, task=task, hint=a.hint, samples=a.samples,
@@ -210,6 +214,9 @@ def parser() -> argparse.ArgumentParser:
                    help="a prompt longer than the model's positions: error (naming it) or keep its end")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fields", help="data: other field names, e.g. prompt=query,solution=target "
+                                    "(question/answer with ####, and problem/solution with \\boxed{}, need none)")
+    p.add_argument("--verifier", default="exact", help="data: exact (default) | math (math-verify) | module:function")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=cmd_eval)
 

@@ -32,7 +32,9 @@ class CompareConfig:
     task: str | None = None
     data: str | None = None
     eval_data: str | None = None
-    methods: str = "self-distill,grpo,sft"  # comma-separated method[:rule[:rollout]], e.g. self-distill::guided
+    fields: str | None = None  # data: other field names, "prompt=question,solution=answer"
+    verifier: str = "exact"  # data: exact | math | module:function
+    methods: str = "self-distill,grpo,sft"  # comma-separated method[:rule[:rollout]][+key=value...], e.g. self-distill::guided, self-distill+gate=none
     rollouts: int = 1024  # samples per run (rollouts, or reference examples for sft)
     seeds: int = 3
     samples_per_step: int = 16  # global samples per step, for every method
@@ -93,12 +95,20 @@ SCENARIOS = {
 
 def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario: str = "full",
                   chosen: dict | None = None) -> TrainConfig:
-    method, rule, rollout = (spec.split(":") + ["", ""])[:3]  # e.g. self-distill:none:guided
+    # method[:rule[:rollout]][+key=value...], e.g. self-distill:none:guided or self-distill+gate=none
+    name, *own = spec.split("+")
+    method, rule, rollout = (name.split(":") + ["", ""])[:3]
+    bad = next((item for item in own if "=" not in item), None)
+    if bad is not None:
+        raise C.ConfigError(f"config key 'methods': {bad!r} in {spec!r} is not key=value")
     steps = cfg.rollouts // cfg.samples_per_step
     kw = dict(model=cfg.model, out=str(out), task=cfg.task, data=cfg.data, eval_data=cfg.eval_data,
+              fields=cfg.fields, verifier=cfg.verifier,
               method=method, seed=seed, rollouts=cfg.rollouts, checkpoint_every=0,
               eval_every=max(1, steps // cfg.eval_points), prompts_per_step=cfg.samples_per_step)
-    if method == "grpo":
+    from handrail.methods import GROUPED
+
+    if method in GROUPED:
         kw.update(prompts_per_step=cfg.samples_per_step // cfg.group_size, samples_per_prompt=cfg.group_size)
     if rule:
         kw["rule"] = rule
@@ -113,7 +123,8 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
     bad = next((item for item in extra if "=" not in item), None)
     if bad is not None:
         raise C.ConfigError(f"config key 'train': {bad!r} is not key=value")
-    return C.build(TrainConfig, overrides={**kw, **dict(item.split("=", 1) for item in extra), **(chosen or {})})
+    return C.build(TrainConfig, overrides={**kw, **dict(item.split("=", 1) for item in extra),
+                                           **dict(item.split("=", 1) for item in own), **(chosen or {})})
 
 
 def curve(run: Path, per_step: int) -> list[dict]:

@@ -6,6 +6,12 @@ A record is `prompt` (a string, or chat `messages`), `solution` (the reference t
 sees; alias `privileged_context`) and optional `answer` (what a verifier checks). Every bad
 record is reported as `file:line: field 'x': problem`; nothing is dropped silently.
 
+Common layouts are read as they are: a problem under `question`, `problem` or `instruction`
+stands in for `prompt`; a GSM8K-style `answer` holding worked text that ends `#### 42` becomes
+the solution, with 42 as the answer; a MATH-style `solution` without `####` has its last
+`\\boxed{...}` as the answer. Other names are mapped with `fields` ("prompt=query,solution=target",
+our name = the file's). Messages name the file's own field.
+
 A *logged conversation* is `messages` in which one assistant turn has `"accepted": true`: the
 output the user finally kept. It becomes one record per assistant turn up to the accepted one,
 each with the conversation before that turn as the prompt, the turn itself as `completion` (text
@@ -18,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from handrail.tasks import Problem, extract_answer
+from handrail.tasks import ANSWER_MARK, Problem, extract_answer
 
 ROLES = ("system", "user", "assistant")
 
@@ -65,9 +71,64 @@ def records_from_task(problems: list[Problem]) -> list[Record]:
 
 
 # -- loading -------------------------------------------------------------------------------------
-def load_records(path: str | Path) -> list[Record]:
+FIELDS = ("prompt", "messages", "solution", "answer")
+PROMPT_ALIASES = ("question", "problem", "instruction")
+
+
+def parse_fields(spec: str | None) -> dict[str, str]:
+    """"prompt=query,solution=target" -> {"prompt": "query", "solution": "target"} (ours -> the file's)."""
+    out = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        ours, sep, theirs = (x.strip() for x in item.partition("="))
+        if not sep or ours not in FIELDS or not theirs:
+            raise ValueError(f"config key 'fields': expected name=file_field with name one of "
+                             f"{', '.join(FIELDS)}, got {item.strip()!r}")
+        out[ours] = theirs
+    return out
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last \\boxed{...} in `text`, braces balanced, or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+def _layout(row: dict, fields: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """The row under our field names, and for each of our names the file's (for messages)."""
+    names = dict(fields)
+    row = dict(row)
+    for ours, theirs in fields.items():
+        if theirs in row:
+            row[ours] = row.pop(theirs) if theirs not in FIELDS else row[theirs]
+    if "prompt" not in row and "messages" not in row:
+        alias = next((k for k in PROMPT_ALIASES if k in row), None)
+        if alias:
+            row["prompt"], names["prompt"] = row[alias], alias
+    has_solution = "solution" in row or "privileged_context" in row
+    if not has_solution and isinstance(row.get("answer"), str) and ANSWER_MARK in row["answer"]:
+        # GSM8K: the worked answer is the reference, its '#### 42' the answer
+        row["solution"], names["solution"] = row["answer"], names.get("answer", "answer")
+        row["answer"] = extract_answer(row["answer"])
+    elif row.get("answer") is None and isinstance(row.get("solution"), str) and ANSWER_MARK not in row["solution"]:
+        boxed = last_boxed(row["solution"])  # MATH: the last \boxed{} is the answer
+        if boxed:
+            row["answer"], names["answer"] = boxed, names.get("solution", "solution")
+    return row, names
+
+
+def load_records(path: str | Path, fields: str | None = None) -> list[Record]:
     """Read and validate every record. Raises DataError naming the first bad record (and how many
-    more there are) — never returns a partial list."""
+    more there are) — never returns a partial list. `fields` maps other field names (parse_fields)."""
+    mapping = parse_fields(fields)
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
@@ -87,7 +148,7 @@ def load_records(path: str | Path) -> list[Record]:
     records, errors = [], []
     for line, row in rows:
         try:
-            records.extend(parse_row(row, f"{path}:{line}"))
+            records.extend(parse_row(row, f"{path}:{line}", mapping))
         except DataError as e:
             errors.append(str(e))
     if errors:
@@ -119,16 +180,17 @@ class _Bad:
     message: str
 
 
-def parse_row(row, where: str) -> list[Record]:
+def parse_row(row, where: str, fields: dict[str, str] | None = None) -> list[Record]:
     """One input row: a single record, or the records of a logged conversation."""
     if isinstance(row, _Bad):
         raise DataError(row.message)
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row, names = _layout(row, fields or {})
     messages = row.get("messages")
     if isinstance(messages, list) and any(isinstance(m, dict) and "accepted" in m for m in messages):
         return parse_conversation(row, where)
-    return [parse_record(row, where)]
+    return [parse_record(row, where, names)]
 
 
 def parse_conversation(row: dict, where: str) -> list[Record]:
@@ -156,31 +218,37 @@ def parse_conversation(row: dict, where: str) -> list[Record]:
     return records
 
 
-def parse_record(row: dict, where: str) -> Record:
+def parse_record(row: dict, where: str, names: dict[str, str] | None = None) -> Record:
+    names = names or {}
+
+    def field(ours: str) -> str:
+        return names.get(ours, ours)
+
     prompt = row.get("prompt", row.get("messages"))
     key = "prompt" if "prompt" in row else "messages"
     if prompt is None:
-        raise DataError(f"{where}: field 'prompt': missing (give 'prompt' or 'messages')")
+        raise DataError(f"{where}: field 'prompt': missing (give 'prompt', 'messages', one of "
+                        f"{', '.join(PROMPT_ALIASES)}, or map yours with fields=prompt=NAME)")
     if key == "messages" and not isinstance(prompt, list):
-        raise DataError(f"{where}: field 'messages': expected a list of chat messages, got {type(prompt).__name__}")
+        raise DataError(f"{where}: field '{field(key)}': expected a list of chat messages, got {type(prompt).__name__}")
     if isinstance(prompt, list):
-        _check_messages(prompt, where, key)
+        _check_messages(prompt, where, field(key))
     elif not isinstance(prompt, str) or not prompt.strip():
-        raise DataError(f"{where}: field '{key}': expected a non-empty string or chat messages")
+        raise DataError(f"{where}: field '{field(key)}': expected a non-empty string or chat messages")
     solution = row.get("solution", row.get("privileged_context"))
-    skey = "solution" if "solution" in row else "privileged_context"
+    skey = field("solution") if "solution" in row else "privileged_context"
     if solution is not None and not isinstance(solution, str):
         raise DataError(f"{where}: field '{skey}': expected a string, got {type(solution).__name__}")
-    answer = _answer(row, where)
+    answer = _answer(row, where, field("answer"))
     if not solution and answer is None:
-        raise DataError(f"{where}: field 'solution': missing (a record needs 'solution' or 'answer')")
+        raise DataError(f"{where}: field '{field('solution')}': missing (a record needs 'solution' or 'answer')")
     return Record(prompt, solution or None, answer, where)
 
 
-def _answer(row: dict, where: str) -> str | None:
+def _answer(row: dict, where: str, name: str = "answer") -> str | None:
     answer = row.get("answer")
     if answer is not None and not isinstance(answer, (str, int, float)):
-        raise DataError(f"{where}: field 'answer': expected a string or number, got {type(answer).__name__}")
+        raise DataError(f"{where}: field '{name}': expected a string or number, got {type(answer).__name__}")
     return None if answer is None else str(answer)
 
 

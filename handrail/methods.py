@@ -1,8 +1,9 @@
 """What makes one method differ from another: its per-token training signal.
 
 Every method gives the loop in train.py the same five things: whether it samples student
-rollouts, how it `score`s them (no grad), the student's hidden states on the completion, the
-chunk `loss`, and what to do `after_step`. Nothing else differs between methods — the loop, the
+rollouts, how it `score`s them (no grad) into a small typed signal (DistillSignal, PolicySignal,
+HybridSignal; SFT needs none), the student's hidden states on the completion, the chunk `loss`
+it computes from that signal, and what to do `after_step`. Nothing else differs between methods — the loop, the
 rollout accounting and the evaluation are shared.
 """
 
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 
 from handrail.data import reference_answer
 from handrail.evaluate import is_correct, prompt_ids
-from handrail.models import HiddenStates
-from handrail.objectives import chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, token_logp
+from handrail.models import AdapterOff, HiddenStates
+from handrail.objectives import (chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, fusable,
+                                 fused_distill_sum, token_logp)
 from handrail.rollout import Guide, Rollout, given_rollout, left_pad, positions
 
 
@@ -33,7 +36,42 @@ def completion_hidden(model, prompts: list[list[int]], rollout: Rollout, pad_id:
     return hidden[:, P - 1:P - 1 + T]
 
 
+# -- signals: what `score` hands to `loss`, one small type per kind of method ---------------------
+@dataclass
+class DistillSignal:
+    """Self-distillation: the teacher (and, for rules that read it, the initial model) as
+    (hidden states, head) pairs on the rollout, and where the loss applies."""
+
+    teacher: tuple  # (hidden_B_T_H on [P_T, g], lm head), no gradient
+    initial: tuple | None  # the same for the initial model on [P_S, g], or None
+    use_T: torch.Tensor | None  # (B, T) 1 where the teacher speaks, 0 where the initial model stands in (anchor)
+    mask: torch.Tensor  # (B, T) positions that carry the loss
+    gated: torch.Tensor  # positions the divergence gate silenced (a metric)
+
+
+@dataclass
+class PolicySignal:
+    """A policy gradient: one advantage per sequence, token weights that set how token losses
+    are averaged (and, for RLSD, the teacher's per-token factor), reference log-probs for the KL."""
+
+    adv: torch.Tensor  # (B,)
+    weight: torch.Tensor  # (B, T) or broadcastable
+    ref_logp: torch.Tensor  # (B, T)
+    rewards: torch.Tensor  # (global B,) every process's rewards, for group metrics
+    teacher_weight: torch.Tensor | None = None  # RLSD: mean teacher factor (a metric)
+
+
+@dataclass
+class HybridSignal:
+    """SRPO: solved rollouts' policy gradient plus failed rollouts' distillation."""
+
+    pg: PolicySignal
+    sd: DistillSignal
+
+
 def _frozen_copy(lm):
+    if isinstance(lm, AdapterOff):  # LoRA: the base with the adapter off is already frozen, and free
+        return lm
     teacher = copy.deepcopy(lm).eval()
     teacher.requires_grad_(False)
     return teacher
@@ -49,6 +87,7 @@ def until_divergence(logp_T_tokens: torch.Tensor, mask: torch.Tensor, prob: floa
 
 class Method:
     needs_rollouts = True
+    privileged = False  # reads a teacher prompt with the reference (its records must fit with the hint)
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         self.cfg, self.tokenizer, self.templates, self.task = cfg, tokenizer, templates, task
@@ -96,6 +135,8 @@ class SelfDistill(Method):
     also holds the student back (BENCHMARKS.md §2c). Rules that measure from the initial student
     (`considered`, `anchored`) get that same initial model's distribution at every position."""
 
+    privileged = True
+
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
         self.rule = cfg.aggregation_rule()
@@ -141,14 +182,20 @@ class SelfDistill(Method):
             # where the teacher is silenced, the initial model on the student's own prompt (what the
             # student did before training) becomes the reference, so those positions cannot drift
             use_T, mask = mask, rollout.completion_mask
-        return {"teacher": (hidden_T, head_T), "initial": initial, "use_T": use_T, "mask": mask, "gated": gated}
+        return DistillSignal((hidden_T, head_T), initial, use_T, mask, gated)
 
     def loss(self, head, hidden, rollout, signal):
-        loss, kl_sum, intervened, raw = chunked_sum(
-            distill_chunk(self.rule, self.cfg.intervene_kl), hidden, head, signal["mask"], signal["use_T"],
-            chunk_size=self.cfg.chunk_size, refs=(signal["teacher"], signal["initial"]))
+        refs = (signal.teacher, signal.initial)
+        if fusable(head):  # gradient taken in the forward pass: no chunk recomputed in backward
+            loss, kl_sum, intervened, raw = fused_distill_sum(
+                self.rule, hidden, head, signal.mask, signal.use_T, refs=refs,
+                intervene_kl=self.cfg.intervene_kl, chunk_size=self.cfg.chunk_size)
+        else:
+            loss, kl_sum, intervened, raw = chunked_sum(
+                distill_chunk(self.rule, self.cfg.intervene_kl), hidden, head, signal.mask, signal.use_T,
+                chunk_size=self.cfg.chunk_size, refs=refs)
         return loss, {"teacher/kl": kl_sum, "teacher/intervened": intervened, "teacher/raw_kl": raw,
-                      "teacher/gated": signal["gated"]}
+                      "teacher/gated": signal.gated}
 
     @torch.no_grad()
     def after_step(self, lm):
@@ -201,7 +248,7 @@ class GRPO(Method):
                                        self.tokenizer.pad_token_id)
             ref_logp = _token_logps(hidden, self.reference.get_output_embeddings(), rollout.completion_ids,
                                     self.cfg.temperature, self.cfg.chunk_size)
-        return {"adv": adv, "weight": weight, "ref_logp": ref_logp, "rewards": every}
+        return PolicySignal(adv, weight, ref_logp, every)
 
     def loss(self, head, hidden, rollout, signal):
         B, T = rollout.completion_ids.shape
@@ -209,12 +256,12 @@ class GRPO(Method):
         temp = max(self.cfg.temperature, 1e-6)
         loss, k3, clipped = chunked_sum(
             lambda logits, *a: fn(logits / temp, *a), hidden, head, rollout.completion_ids,
-            rollout.logprobs, signal["ref_logp"], signal["adv"][:, None] * signal["weight"].expand(B, T),
+            rollout.logprobs, signal.ref_logp, signal.adv[:, None] * signal.weight.expand(B, T),
             rollout.completion_mask, chunk_size=self.cfg.chunk_size)
         return loss, {"policy/kl_ref": k3, "policy/clipped": clipped}
 
     def step_metrics(self, signal):
-        r = signal["rewards"]
+        r = signal.rewards
         groups = r.view(-1, self.cfg.samples_per_prompt)
         solved = ((groups.max(1).values - groups.min(1).values) > 0).float().mean()
         return {"reward/mean": r.mean().item(), "reward/groups_with_signal": solved.item()}
@@ -251,7 +298,7 @@ class SFT(Method):
         return given_rollout(self.tokenizer, prompt_ids(self.tokenizer, records, self.templates), texts, device)
 
     def score(self, records, rollout, lm_now, acc):
-        return {}
+        return None
 
     def loss(self, head, hidden, rollout, signal):
         loss, nll = chunked_sum(cross_entropy_chunk, hidden, head, rollout.completion_ids,
@@ -259,4 +306,79 @@ class SFT(Method):
         return loss, {"loss/nll": nll}
 
 
-METHODS = {"self-distill": SelfDistill, "grpo": GRPO, "sft": SFT}
+class RLSD(GRPO):
+    """GRPO whose reward gives each token's direction and the teacher only its size (RLSD,
+    arXiv 2604.03128): a token's advantage A is scaled by clip(exp(sign(A) (log p_T - log p_S)),
+    1 - eps, 1 + eps), p_T being the privileged teacher (the initial model shown the reference) on
+    the sampled token. In a solved rollout, the tokens the teacher would rather write than the
+    student get more credit; in a failed one, those it would rather not write get more blame. The
+    teacher can neither flip a sign nor create signal where the group has none, so it cannot hand
+    over an answer the student did not reach."""
+
+    privileged = True
+
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task):
+        super().__init__(cfg, initial_lm, tokenizer, templates, task)
+        self.teacher = _frozen_copy(initial_lm)
+
+    @torch.no_grad()
+    def score(self, records, rollout, lm_now, acc):
+        signal = super().score(records, rollout, lm_now, acc)
+        hidden_T = completion_hidden(HiddenStates(self.teacher),
+                                     prompt_ids(self.tokenizer, records, self.templates, hint=self.cfg.hint),
+                                     rollout, self.tokenizer.pad_token_id)
+        lp_T = _token_logps(hidden_T, self.teacher.get_output_embeddings(), rollout.completion_ids,
+                            self.cfg.temperature, self.cfg.chunk_size)
+        eps = self.cfg.teacher_weight_clip
+        w = (signal.adv.sign()[:, None] * (lp_T - rollout.logprobs)).exp().clamp(1 - eps, 1 + eps)
+        signal.weight = signal.weight * w
+        signal.teacher_weight = (w * rollout.completion_mask).sum() / rollout.completion_mask.sum().clamp(min=1)
+        return signal
+
+    def step_metrics(self, signal):
+        return {**super().step_metrics(signal), "teacher/weight": signal.teacher_weight.item()}
+
+
+class SRPO(Method):
+    """Each rollout to the signal that suits it (SRPO, arXiv 2604.02288): solved rollouts get
+    GRPO's policy gradient (the group's advantage, which is positive for them), failed ones
+    self-distillation from the privileged teacher (the default rule and gate), so a failure
+    learns where it went wrong instead of only that it did. The two token sums are added."""
+
+    privileged = True
+
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task):
+        super().__init__(cfg, initial_lm, tokenizer, templates, task)
+        self.grpo = GRPO(cfg, initial_lm, tokenizer, templates, task)
+        self.distill = SelfDistill(cfg, initial_lm, tokenizer, templates, task)
+
+    @torch.no_grad()
+    def score(self, records, rollout, lm_now, acc):
+        pg = self.grpo.score(records, rollout, lm_now, acc)
+        sd = self.distill.score(records, rollout, lm_now, acc)
+        per = len(records)
+        solved = pg.rewards[acc.process_index * per:(acc.process_index + 1) * per][:, None]
+        pg.weight = pg.weight * solved
+        sd.mask = sd.mask * (1 - solved)
+        return HybridSignal(pg, sd)
+
+    def loss(self, head, hidden, rollout, signal):
+        loss_pg, m_pg = self.grpo.loss(head, hidden, rollout, signal.pg)
+        loss_sd, m_sd = self.distill.loss(head, hidden, rollout, signal.sd)
+        return loss_pg + loss_sd, {**m_pg, **m_sd}
+
+    def step_metrics(self, signal):
+        return self.grpo.step_metrics(signal.pg)
+
+    def after_step(self, lm):
+        self.distill.after_step(lm)
+
+    def state_dict(self):
+        return self.distill.state_dict()
+
+    def load_state_dict(self, state):
+        self.distill.load_state_dict(state)
+
+
+METHODS = {"self-distill": SelfDistill, "grpo": GRPO, "sft": SFT, "rlsd": RLSD, "srpo": SRPO}
+GROUPED = ("grpo", "rlsd", "srpo")  # methods that compare completions within a prompt's group

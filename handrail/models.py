@@ -54,6 +54,8 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     elif path.exists():
         if not path.is_dir():
             raise ModelError(f"model {spec}: a file, not a model folder or .gguf file")
+        if (path / "adapter_config.json").exists():
+            return _load_adapter(path, device, dtype, templates)
         if not (path / "config.json").exists():
             raise ModelError(f"model {spec}: folder has no config.json (not a Hugging Face model folder)")
         if not any((path / name).exists() for name in TOKENIZER_FILES):
@@ -85,6 +87,79 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if bad is not None:
         raise ModelError(f"model {spec}: weight {bad!r} holds NaN or infinite values")
     return model.to(device).eval(), tokenizer, templates_for(path if path.is_dir() else None, tokenizer, templates)
+
+
+def _load_adapter(folder: Path, device, dtype, templates: str | None):
+    """A LoRA adapter folder saved by `handrail train lora_r=...`: its base (named in its
+    handrail.json, else in the adapter's own config) with the adapter on top, as a peft model."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelError(f"model {folder}: a LoRA adapter folder; loading it needs peft "
+                         f"(pip install 'handrail[lora]')") from None
+    meta = json.loads((folder / HANDRAIL_META).read_text()) if (folder / HANDRAIL_META).exists() else {}
+    base = meta.get("base_model") or json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"model {folder}: adapter folder names no base model")
+    model, tokenizer, _ = load_model(base, device=device, dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except Exception as e:  # noqa: BLE001 - a damaged or mismatched adapter file
+        raise ModelError(f"model {folder}: cannot load its adapter onto {base} ({first_line(e)})") from None
+    return model.to(device).eval(), tokenizer, templates_for(folder, tokenizer, templates)
+
+
+def add_lora(model, r: int, alpha: float, targets: str):
+    """`model` with trainable LoRA adapters (peft); every base weight stays frozen and shared."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ModelError("config key 'lora_r': LoRA needs peft (pip install 'handrail[lora]')") from None
+    modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    try:
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0,
+                                                task_type="CAUSAL_LM"))
+    except ValueError as e:
+        raise ModelError(f"config key 'lora_targets': {first_line(e)}") from None
+
+
+class AdapterOff:
+    """The base model under a LoRA adapter with the adapter switched off: the frozen initial model
+    as a teacher (or reference) without a second copy of its weights. Offers what the teacher's
+    callers use: calling it, its decoder, its head, train/eval."""
+
+    def __init__(self, peft_model):
+        self.peft = peft_model
+        self.config = peft_model.config
+
+    def _off(self, fn):
+        def run(*args, **kwargs):
+            with torch.no_grad(), self.peft.disable_adapter():
+                return fn(*args, **kwargs)
+        return run
+
+    def __call__(self, *args, **kwargs):
+        return self._off(self.peft)(*args, **kwargs)
+
+    def get_decoder(self):
+        return self._off(self.peft.get_decoder())
+
+    def get_output_embeddings(self):
+        return self._off(self.peft.get_output_embeddings())
+
+    def parameters(self):
+        return self.peft.parameters()
+
+    @property
+    def training(self) -> bool:
+        return self.peft.training
+
+    def train(self, mode: bool = True):
+        self.peft.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
 
 
 def first_line(e: Exception) -> str:
@@ -169,7 +244,8 @@ def build_tiny_model(vocab_size: int, d_model: int = 128, n_layers: int = 4, n_h
 
 def save_model(model, tokenizer, folder: str | Path, templates: Templates,
                extra: dict | None = None) -> Path:
-    """An ordinary HF folder, plus handrail.json with the prompt templates the model expects."""
+    """An ordinary HF folder, plus handrail.json with the prompt templates the model expects. A
+    peft model saves its adapter alone (extra should then name `base_model`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -79,6 +79,63 @@ def distill_chunk(rule, intervene_kl: float = 0.01):
     return fn
 
 
+class _FusedDistill(torch.autograd.Function):
+    """distill_chunk's sums with the gradient taken in the forward pass, chunk by chunk. With q
+    held constant, d KL(q || softmax(z)) / dz = softmax(z) - q, so each chunk's gradient with
+    respect to the hidden states and the head's weight is known as soon as its target is: no
+    chunk is recomputed in backward (which, under checkpointing, would run the rule's bisection
+    twice), and nothing of size B x T x V outlives its chunk. Backward only scales what forward
+    stored (B x T x H and the head's V x H)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, mask, use_T, refs, rule, intervene_kl, chunk_size):
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        totals = torch.zeros(4, dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[1], chunk_size):
+            e = min(hidden.shape[1], s + chunk_size)
+            h = hidden[:, s:e].detach()
+            logp_S = F.log_softmax(F.linear(h, weight).float(), -1)
+            logits_T, logits_0 = _ref_logits(refs, s, e)
+            logp_T = F.log_softmax(logits_T, -1)
+            logp_0 = None if logits_0 is None else F.log_softmax(logits_0, -1)
+            if use_T is not None:
+                logp_T = torch.where(use_T[:, s:e, None] > 0, logp_T, logp_0)
+            logq = rule(logp_S, logp_T, logp_0)
+            m = mask[:, s:e].float()
+            per_tok = kl(logq, logp_S)
+            totals += torch.stack([(per_tok * m).sum(), (per_tok * m).sum(),
+                                   ((per_tok > intervene_kl).float() * m).sum(), (kl(logp_T, logp_S) * m).sum()])
+            g = (logp_S.exp() - logq.exp()) * m[..., None]  # d loss / d logits
+            del logp_S, logp_T, logp_0, logq
+            grad_h[:, s:e] = (g @ weight.float()).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += g.flatten(0, 1).T @ h.flatten(0, 1).float()
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        ctx.has_w, ctx.w_dtype = grad_w is not None, weight.dtype
+        return totals
+
+    @staticmethod
+    def backward(ctx, grad_totals):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_totals[0]  # the metrics carry no gradient
+        return (grad_h * scale, (grad_w * scale).to(ctx.w_dtype) if ctx.has_w else None,
+                None, None, None, None, None, None)
+
+
+def fusable(head) -> bool:
+    """A plain bias-free linear head (any LoRA or quantised head goes the checkpointed way)."""
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
+def fused_distill_sum(rule, hidden, head, mask, use_T=None, *, refs, intervene_kl: float = 0.01,
+                      chunk_size: int = 128) -> tuple[torch.Tensor, ...]:
+    """The same four sums as `chunked_sum(distill_chunk(rule, intervene_kl), ...)` and the same
+    gradients, at about the naive loss's time and the chunked loss's memory (_FusedDistill)."""
+    out = _FusedDistill.apply(hidden, head.weight, mask, use_T, refs, rule, intervene_kl, chunk_size)
+    return out[0], out[1].detach(), out[2].detach(), out[3].detach()
+
+
 def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) without materialising the log-softmax twice."""
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)

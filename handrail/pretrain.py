@@ -32,6 +32,7 @@ import torch
 
 from handrail.data import TINY_TEMPLATES, Record, hint_for, load_records, records_from_task, reference_answer
 from handrail.data import student_prompt, teacher_prompt
+from handrail.verifiers import FileTask
 from handrail.evaluate import evaluate
 from handrail.models import build_char_tokenizer, build_tiny_model, save_model
 from handrail.tasks import ANSWER_MARK, DEFAULT_TASK, get_task
@@ -43,6 +44,8 @@ class PretrainConfig:
     out: str = "runs/base"  # output folder (an HF model folder)
     task: str | None = None  # embedded task name (default: chain); ignored with `data`
     data: str | None = None  # JSONL/Parquet/datasets file instead of a task
+    fields: str | None = None  # data: other field names, "prompt=question,solution=answer"
+    verifier: str = "exact"  # data: how the closing check verifies answers: exact | math | module:function
     seconds: float = 0.0  # optional wall-clock cap (0: none); a capped run is marked as not the recipe's
     max_steps: int = 1300  # optimizer steps: the budget that ends a run
     batch_size: int = 64
@@ -75,8 +78,13 @@ class PretrainConfig:
     }
 
     def validate(self):
+        from handrail.data import parse_fields
+        from handrail.verifiers import load as load_verifier
+
         if self.task and self.data:
             raise ValueError("give --task or --data, not both")
+        parse_fields(self.fields)
+        load_verifier(self.verifier)
         if self.d_model % self.n_heads:
             raise ValueError(f"config key 'd_model': {self.d_model} is not divisible by n_heads={self.n_heads}")
         for key in ("levels", "hinted_only_levels", "misconception_levels"):
@@ -98,8 +106,10 @@ def _steps(rec: Record) -> int:
 def hardest(records: list[Record], frac: float, rng: random.Random) -> set[int]:
     """Indices of about `frac` of `records`, the ones with the most solution lines: whole lengths
     from the longest down, like a task's top levels, so that no problem of a hard length is
-    practised unaided. Where one length holds so many records that taking it would give more than
-    twice `frac`, records of that length are drawn at random to make up the share."""
+    practised unaided. The next length is taken only if that lands nearer `frac` than stopping
+    short (a quarter of four equal lengths is the longest one, not half the file). Where one length
+    holds so many records that taking it would give more than twice `frac`, records of that length
+    are drawn at random to make up the share."""
     if frac <= 0 or not records:
         return set()
     by_steps: dict[int, list[int]] = {}
@@ -108,11 +118,14 @@ def hardest(records: list[Record], frac: float, rng: random.Random) -> set[int]:
     want, chosen = frac * len(records), []
     for steps in sorted(by_steps, reverse=True):
         group = by_steps[steps]
-        if len(chosen) + len(group) > 2 * want:
+        total = len(chosen) + len(group)
+        if total > 2 * want:
             chosen += rng.sample(group, max(0, round(want) - len(chosen)))
             break
+        if chosen and total - want > want - len(chosen):
+            break
         chosen += group
-        if len(chosen) >= want:
+        if total >= want:
             break
     return set(chosen)
 
@@ -206,7 +219,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     rng = random.Random(cfg.seed)
     task, hard = None, set()
     if cfg.data:
-        records = load_records(cfg.data)
+        records = load_records(cfg.data, cfg.fields)
         rng.shuffle(records)
         # the closing check holds out records of the part the student never practises alone: the
         # part post-training is for (all records when hard_frac is 0)
@@ -262,7 +275,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     model.eval()
     save_model(model, tokenizer, cfg.out, TINY_TEMPLATES,
                extra={"task": task.name if task else None, "data": cfg.data, "params": n_params})
-    common = dict(task=task, samples=0, max_new_tokens=_max_new(records))
+    common = dict(task=task or FileTask(cfg.verifier), samples=0, max_new_tokens=_max_new(records))
     student = evaluate(model, tokenizer, TINY_TEMPLATES, eval_records, hint="none", **common)
     teacher = evaluate(model, tokenizer, TINY_TEMPLATES, eval_records, hint="solution", **common)
     result = {"out": cfg.out, "params": n_params, "steps": step, "train_seconds": round(train_seconds, 1),

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from handrail.data import Record, load_records, records_from_task
+from handrail.verifiers import FileTask
 from handrail.tasks import DEFAULT_TASK, StepArithmeticTask, get_task
 
 
@@ -15,13 +16,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HANDRAIL_CACHE", Path.home() / ".cache" / "handrail"))
 
 
-def eval_records(task: str | None, data: str | None, level: int | None = None,
-                 n: int | None = None) -> tuple[StepArithmeticTask | None, list[Record]]:
-    """Held-out problems: a task's test split (at its post-training level unless `level`), or
-    the records of a data file."""
+def eval_records(task: str | None, data: str | None, level: int | None = None, n: int | None = None,
+                 fields: str | None = None, verifier: str = "exact") -> tuple[StepArithmeticTask | FileTask, list[Record]]:
+    """Held-out problems and what checks them: a task's test split (at its post-training level
+    unless `level`), or the records of a data file with `verifier`."""
     if data:
-        records = load_records(data)
-        return None, records[:n] if n else records
+        records = load_records(data, fields)
+        return FileTask(verifier), records[:n] if n else records
     t = get_task(task or DEFAULT_TASK)
     if level is not None and level not in t.levels:
         raise ValueError(f"--level {level}: task {t.name} has levels {min(t.levels)}-{max(t.levels)}")
@@ -40,8 +41,10 @@ def default_base_model(rebuild: bool = False, quick: bool = False, log=print) ->
     from handrail.pretrain import PretrainConfig, pretrain
 
     # named by its recipe, so that a changed default builds a new base instead of reusing an old one
+    # (keys that only read a data file are left out: the embedded base reads none)
     recipe = {k: v for k, v in asdict(PretrainConfig(**(QUICK if quick else {}))).items() if k != "out"}
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(json.dumps({k: v for k, v in recipe.items() if k not in ("fields", "verifier")},
+                                       sort_keys=True).encode()).hexdigest()[:8]
     folder = cache_dir() / f"base-{DEFAULT_TASK}-{digest}{'-quick' if quick else ''}"
     result_file = folder / "pretrain_result.json"
     if result_file.exists() and not rebuild:

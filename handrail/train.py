@@ -36,9 +36,11 @@ from handrail.bootstrap import load as load_bootstrap
 from handrail.bootstrap import save as save_bootstrap
 from handrail.data import load_records, records_from_task, reference_answer
 from handrail.evaluate import evaluate, fit_records, prompt_ids, prompt_limit
-from handrail.models import HiddenStates, first_line, load_model, nonfinite_weight, save_model, stop_ids
+from handrail.models import (AdapterOff, HiddenStates, add_lora, first_line, load_model, nonfinite_weight,
+                             save_model, stop_ids)
 from handrail.rollout import sample
 from handrail.tasks import DEFAULT_TASK, get_task
+from handrail.verifiers import FileTask
 from handrail.run import progress
 
 
@@ -57,7 +59,9 @@ class TrainConfig:
     task: str | None = None  # embedded task (default: chain); ignored with `data`
     data: str | None = None  # JSONL / Parquet / datasets folder of training records
     eval_data: str | None = None  # held-out records for `data` runs (default: none)
-    method: str = "self-distill"  # self-distill | grpo | sft
+    fields: str | None = None  # data: other field names, "prompt=question,solution=answer" (common layouts need none)
+    verifier: str = "exact"  # data: how answers are checked: exact | math (math-verify) | module:function
+    method: str = "self-distill"  # self-distill | grpo | sft | rlsd (grpo, the teacher sizing each token) | srpo (solved rollouts to grpo, failed to self-distill)
     rule: str = "trust-region"  # aggregation (targets.py): trust-region | geometric | support | none | considered | anchored
     teacher: str = "frozen"  # frozen (initial weights) | live (current, no grad) | ema
     ema_decay: float = 0.95  # for teacher=ema
@@ -86,6 +90,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     clip_eps: float = 0.2  # grpo: ratio clip
+    teacher_weight_clip: float = 0.2  # rlsd: the teacher scales a token's advantage within 1 +- this
     kl_coef: float = 0.0  # grpo: weight of KL to the initial model (0 = no reference pass)
     grpo_loss: str = "dapo"  # grpo: how token losses are averaged: dapo (over tokens) | grpo (per sequence) | dr_grpo (constant)
     scale_rewards: bool = True  # grpo: divide advantages by the group's reward std (Dr. GRPO: false)
@@ -98,6 +103,10 @@ class TrainConfig:
     eval_samples: int = 0  # sampled completions per eval problem, besides greedy
     checkpoint_every: int = 16  # steps between checkpoints (0: only at the end)
     seed: int = 0
+    lora_r: int = 0  # LoRA rank (peft); 0 = full fine-tuning. The frozen teacher is then the base with the adapter off: no second copy
+    lora_alpha: float = 16.0  # LoRA scale numerator (the update is scaled by alpha / r)
+    lora_targets: str = "all-linear"  # modules that get adapters: all-linear, or names such as q_proj,v_proj
+    lora_merge: bool = False  # also save the base with the adapter merged in, as model-merged/
     mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate)
     log_with: str | None = None  # accelerate tracker: tensorboard | wandb | ... (metrics.jsonl always)
     threads: int = 0  # torch threads per process (0 = leave as is)
@@ -109,9 +118,10 @@ class TrainConfig:
         "support_top_p": "(0, 1]", "intervene_kl": "[0, )", "gate_prob": "[0, 1]", "rollouts": "[1, )",
         "bootstrap_k": "[0, )", "bootstrap_rollouts": "[0, )", "prompts_per_step": "[1, )",
         "samples_per_prompt": "[1, )", "max_new_tokens": "[1, )", "temperature": "[0, )", "top_p": "(0, 1]",
-        "lr": "(0, )", "weight_decay": "[0, )", "grad_clip": "(0, )", "clip_eps": "(0, )", "kl_coef": "[0, )",
+        "lr": "(0, )", "weight_decay": "[0, )", "grad_clip": "(0, )", "clip_eps": "(0, )", "teacher_weight_clip": "[0, 1]", "kl_coef": "[0, )",
         "chunk_size": "[1, )", "level": "[1, )", "train_n": "[1, )", "eval_n": "[0, )", "eval_every": "[0, )",
         "eval_samples": "[0, )", "checkpoint_every": "[0, )", "threads": "[0, )", "max_nonfinite": "[1, )",
+        "lora_r": "[0, )", "lora_alpha": "(0, )",
     }
     CHOICES = {
         "method": lambda: _registry("methods", "METHODS"), "rule": lambda: _registry("targets", "RULES"),
@@ -126,14 +136,26 @@ class TrainConfig:
         """Rules that join several keys (ranges and choices: RANGES, CHOICES, checked by config.build)."""
         if not self.model:
             raise ValueError("config key 'model': required")
+        from handrail.data import parse_fields
+        from handrail.methods import GROUPED
+        from handrail.verifiers import load as load_verifier
+
+        parse_fields(self.fields)
+        load_verifier(self.verifier)
+        if self.lora_r and self.teacher == "ema":
+            raise ValueError("config key 'teacher': ema keeps its own copy of every weight; with LoRA "
+                             "(lora_r > 0) use frozen (the base, adapter off) or live")
+        if self.lora_merge and not self.lora_r:
+            raise ValueError("config key 'lora_merge': there is no adapter to merge (lora_r is 0)")
+
         if self.rollout in ("guided", "logged") and self.method != "self-distill":
             raise ValueError(f"config key 'rollout': {self.rollout} rollouts need method self-distill "
                              f"(they need a teacher)")
         if self.bootstrap_k and self.bootstrap_rollouts >= self.rollouts:
             raise ValueError(f"config key 'bootstrap_rollouts': {self.bootstrap_rollouts} leaves nothing of "
                              f"the budget rollouts={self.rollouts} for training")
-        if self.method == "grpo" and self.samples_per_prompt < 2:
-            raise ValueError("config key 'samples_per_prompt': grpo compares completions within a group, "
+        if self.method in GROUPED and self.samples_per_prompt < 2:
+            raise ValueError(f"config key 'samples_per_prompt': {self.method} compares completions within a group, "
                              f"so it needs at least 2 per prompt, got {self.samples_per_prompt}")
         if self.rollouts < self.rollouts_per_step:
             raise ValueError(f"config key 'rollouts': {self.rollouts} does not buy one step of "
@@ -199,17 +221,25 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     ckpt = ckpt if resume else None
     task, train_recs, eval_recs = _records(cfg)
     _resolve_logged(cfg, train_recs, log)
+    check = task or FileTask(cfg.verifier)  # what verifies an answer and spots a leak
 
     # -- model, method (before anything is written: a model that fails to load leaves no run) ----
     initial, tokenizer, templates = load_model(cfg.model, device=acc.device, templates=cfg.templates)
     limit = prompt_limit(initial, cfg.max_new_tokens)
-    hints = ("none", cfg.hint) if cfg.method == "self-distill" else ("none",)
+    hints = ("none", cfg.hint) if METHODS[cfg.method].privileged else ("none",)
     train_recs = fit_records(tokenizer, train_recs, templates, limit, cfg.truncate, hints)
     eval_recs = fit_records(tokenizer, eval_recs, templates, limit, cfg.truncate, ("none",))
-    lm = copy.deepcopy(initial) if ckpt else initial
+    meta = None
+    if cfg.lora_r:  # adapters on the base; the base itself, adapter off, is the initial model
+        lm = add_lora(initial, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+        initial = AdapterOff(lm)
+        meta = {"base_model": str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model}
+    else:
+        lm = copy.deepcopy(initial) if ckpt else initial
     policy = HiddenStates(lm).train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    method = METHODS[cfg.method](cfg, initial, tokenizer, templates, task)  # copies what it keeps
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    method = METHODS[cfg.method](cfg, initial, tokenizer, templates, check)  # copies what it keeps
     state = State()
     if ckpt:
         state = _load_checkpoint(out, lm, opt, method, acc.device, log)
@@ -231,7 +261,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     def evaluate_now():
         if not acc.is_main_process:
             return {}
-        res = evaluate(acc.unwrap_model(policy).lm, tokenizer, templates, eval_recs, task=task,
+        res = evaluate(acc.unwrap_model(policy).lm, tokenizer, templates, eval_recs, task=check,
                        samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         return {"eval/pass@1": res["accuracy"], "eval/pass@1_sampled": res["accuracy_sampled"],
                 "eval/leak_rate": res["leak_rate"], "eval/n": res["n"]}
@@ -243,7 +273,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     answer_only = [] if cfg.method == "grpo" else needs_bootstrap(train_recs)  # grpo needs no solutions
     if answer_only and cfg.bootstrap_k:
         train_recs = _bootstrap_stage(cfg, acc, out, state, acc.unwrap_model(policy).lm, tokenizer, templates,
-                                      train_recs, task, log)
+                                      train_recs, check, log)
     elif answer_only and cfg.hint == "solution":
         log(f"{len(answer_only)} records have only an answer: '#### <answer>' stands in for their solution "
             f"(bootstrap_k=0; a teacher shown a bare answer can teach the student to guess)")
@@ -315,12 +345,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
                          if k in ("loss/total", "teacher/kl", "eval/pass@1", "reward/mean")}, refresh=False)
         if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-            _save_checkpoint(acc, out, policy, opt, method, state, tokenizer, templates)
+            _save_checkpoint(acc, out, policy, opt, method, state, tokenizer, templates, meta)
     bar.close()
     final = out / "model"
     if acc.is_main_process:
         _check_finite(acc.unwrap_model(policy).lm, out)
-        save_model(acc.unwrap_model(policy).lm, tokenizer, final, templates)
+        save_model(acc.unwrap_model(policy).lm, tokenizer, final, templates, meta)
+        if cfg.lora_merge:
+            save_model(acc.unwrap_model(policy).lm.merge_and_unload(), tokenizer, out / "model-merged", templates)
     acc.wait_for_everyone()
     acc.end_training()
     summary = {"model": str(final), **asdict(state)}
@@ -330,8 +362,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
 def _records(cfg: TrainConfig):
     if cfg.data:
-        train_recs = load_records(cfg.data)
-        eval_recs = load_records(cfg.eval_data) if cfg.eval_data else []
+        train_recs = load_records(cfg.data, cfg.fields)
+        eval_recs = load_records(cfg.eval_data, cfg.fields) if cfg.eval_data else []
         task = None
     else:
         task = get_task(cfg.task or DEFAULT_TASK)
@@ -434,13 +466,13 @@ def _load_checkpoint(out: Path, lm, opt, method, device, log) -> State:
                      ("; the older ones are damaged too" if len(damaged) > 1 else "; no older checkpoint to fall back to"))
 
 
-def _save_checkpoint(acc, out: Path, policy, opt, method, state: State, tokenizer, templates) -> None:
+def _save_checkpoint(acc, out: Path, policy, opt, method, state: State, tokenizer, templates, meta=None) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         _check_finite(acc.unwrap_model(policy).lm, out)
         tmp, good, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(acc.unwrap_model(policy).lm, tokenizer, tmp / "model", templates)
+        save_model(acc.unwrap_model(policy).lm, tokenizer, tmp / "model", templates, meta)
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         torch.save(method.state_dict(), tmp / "method.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks it complete

@@ -4,6 +4,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from handrail.compare import efficiency_ratio, samples_to_reach
 
@@ -107,3 +110,18 @@ def test_efficiency_ratio_cases():
     assert efficiency_ratio(res([0.1, 0.05], [0.1, 0.4]))["sd_rollouts"] == 0
     assert "never reached" in efficiency_ratio(res([0.1, 0.2], [0.1, 0.15]))["message"]
     assert samples_to_reach([(0, 0.1), (16, 0.3)], 0.3) == 16
+
+
+def test_a_method_spec_carries_its_own_keys_and_grouped_methods_get_groups():
+    from handrail.compare import CompareConfig, method_config
+
+    c = CompareConfig(model="m", samples_per_step=16, group_size=4, train="lr=3e-4")
+    plain = method_config(c, "self-distill:none+gate=none+lr=1e-5", 0, Path("o"))
+    assert (plain.rule, plain.gate, plain.lr, plain.prompts_per_step) == ("none", "none", 1e-5, 16)
+    for name in ("grpo", "rlsd", "srpo"):
+        g = method_config(c, name, 0, Path("o"))
+        assert (g.prompts_per_step, g.samples_per_prompt, g.lr) == (4, 4, 3e-4)
+    with pytest.raises(ValueError, match="config key 'methods'"):
+        method_config(c, "self-distill+gate", 0, Path("o"))
+    with pytest.raises(ValueError, match="gate"):
+        method_config(c, "self-distill+gate=sometimes", 0, Path("o"))

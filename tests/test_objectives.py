@@ -47,6 +47,25 @@ def test_chunked_distill_equals_naive(rule):
     assert a[0][0] > 0
 
 
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("anchor", [False, True])
+def test_fused_distill_equals_naive_in_value_and_gradient(rule, anchor):
+    """The gradient taken in forward (p_S - q per position) is the one autograd finds."""
+    from handrail.objectives import fused_distill_sum
+
+    head, head_T, hidden, hidden_T, mask, _ = setup(3)
+    hidden_0 = hidden + 0.3 * torch.randn(B, T, H, generator=torch.Generator().manual_seed(6))
+    use_T = (torch.rand(B, T, generator=torch.Generator().manual_seed(7)) > 0.3).float() if anchor else None
+    kw = dict(refs=((hidden_T, head_T), (hidden_0, head)))
+    a = run(lambda fn, h, hd, m, u, **k: fused_distill_sum(make_rule(rule), h, hd, m, u, chunk_size=8, **k),
+            None, (head, hidden, mask, use_T), **kw)
+    b = run(naive_sum, distill_chunk(make_rule(rule)), (head, hidden, mask, use_T), **kw)
+    for x, y in zip(a[0], b[0]):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(a[1], b[1], atol=1e-5) and torch.allclose(a[2], b[2], atol=1e-4)
+    assert a[0][0] > 0 and a[1].abs().sum() > 0
+
+
 def test_chunked_cross_entropy_and_pg_equal_naive():
     head, _, hidden, _, mask, tokens = setup(1)
     a = run(chunked_sum, cross_entropy_chunk, (head, hidden, tokens, mask), chunk_size=5)

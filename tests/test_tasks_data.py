@@ -100,11 +100,52 @@ def test_loads_prompt_messages_alias_and_numeric_answer(tmp_path):
     (json.dumps({"messages": [{"role": "assistant", "content": "hi"}], "answer": "1"}),
      r"d.jsonl:2: field 'messages': the last message must be a user turn"),
     (json.dumps({"messages": [{"role": "bot", "content": "hi"}], "answer": "1"}), r"d.jsonl:2: field 'messages\[0\]'"),
+    (json.dumps({"question": "", "answer": "x\n#### 1"}), r"d.jsonl:2: field 'question': expected a non-empty"),
+    (json.dumps({"problem": "q", "solution": 7}), r"d.jsonl:2: field 'solution': expected a string"),
 ])
 def test_bad_records_name_file_line_and_field(tmp_path, bad, expected):
     f = write(tmp_path, [json.dumps({"prompt": "ok", "answer": "1"}), bad, bad])
     with pytest.raises(DataError, match=expected + r".*\(1 more bad records\)"):
         load_records(f)
+
+
+def test_common_layouts_load_as_they_are_and_fields_map_the_rest(tmp_path):
+    f = write(tmp_path, [
+        json.dumps({"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=7\n#### 7"}),  # GSM8K
+        json.dumps({"problem": "What is $\\frac{1}{2}+\\frac{1}{4}$?",
+                    "solution": "Add: $\\frac{2}{4}+\\frac{1}{4}=\\boxed{\\frac{3}{4}}$."}),  # MATH
+    ])
+    gsm, math = load_records(f)
+    assert gsm.text.startswith("Tom") and gsm.solution == "3+4=7\n#### 7" and gsm.answer == "7"
+    assert math.answer == "\\frac{3}{4}" and "boxed" in math.solution
+    g = write(tmp_path, [json.dumps({"query": "1+1?", "target": "#### 2"})])
+    rec, = load_records(g, fields="prompt=query,solution=target")
+    assert rec.text == "1+1?" and reference_answer(rec) == "2"
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'prompt': missing.*fields=prompt=NAME"):
+        load_records(g)
+    with pytest.raises(ValueError, match="config key 'fields'"):
+        load_records(g, fields="question=query")
+
+
+def test_verifiers_exact_math_and_a_users_function(tmp_path, monkeypatch):
+    from handrail.verifiers import FileTask, load
+
+    exact = FileTask("exact")
+    assert exact.verify("2+2=4\n#### 4", "4") and not exact.verify("#### 5", "4")
+    assert exact.leaked("#### 4\n2+2=4") and not exact.leaked("2+2=4\n#### 4")
+    (tmp_path / "myverify.py").write_text("def check(completion, answer):\n    return answer in completion\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mine = FileTask("myverify:check")
+    assert mine.verify("the answer is 42", "42") and not mine.verify("41", "42")
+    for bad, msg in (("nope", "expected exact, math or module:function"), ("myverify:missing", "cannot load"),
+                     ("no_such_module_x:f", "cannot load")):
+        with pytest.raises(ValueError, match="config key 'verifier': " + msg):
+            load(bad)
+    pytest.importorskip("math_verify")
+    m = FileTask("math")
+    assert m.verify("so the total is \\boxed{\\frac{3}{4}}", "\\frac{3}{4}")
+    assert m.verify("3/4=0.75\n#### 0.75", "\\frac{3}{4}")  # the marked answer, in another form
+    assert not m.verify("#### 0.7", "\\frac{3}{4}") and not m.verify("no answer here", "3")
 
 
 def test_parquet_and_datasets_folder(tmp_path):
@@ -167,6 +208,12 @@ def test_hardest_records_of_a_data_file_are_whole_lengths_from_the_longest_down(
     mixed = [rec(i, 5 if i < 10 else 2) for i in range(100)]  # 10 long ones, then 15 of the next length
     picked = hardest(mixed, 0.25, random.Random(0))
     assert len(picked) == 25 and set(range(10)) <= picked
+    # four lengths, the longest just under a quarter: it alone, not the next length too
+    near = [rec(i, 6 if i < 24 else 5 if i < 50 else 3) for i in range(100)]
+    assert hardest(near, 0.25, random.Random(0)) == set(range(24))
+    # the longest is a tenth, the next a fifth: 10 + 20 is nearer 25 than 10 is
+    two = [rec(i, 6 if i < 10 else 5 if i < 30 else 3) for i in range(100)]
+    assert hardest(two, 0.25, random.Random(0)) == set(range(30))
 
 
 def test_band_names_the_side_that_was_missed():

@@ -42,6 +42,8 @@ def rows(out):
     dict(method="grpo", samples_per_prompt=4, prompts_per_step=4, grpo_loss="dr_grpo", scale_rewards=False,
          rollouts=64),
     dict(method="sft"),
+    dict(method="rlsd", samples_per_prompt=4, prompts_per_step=4, rollouts=64),
+    dict(method="srpo", samples_per_prompt=4, prompts_per_step=4, rollouts=64),
 ])
 def test_each_method_runs_and_writes_a_run_folder(tiny_model, tmp_path, kw):
     out = tmp_path / "run"
@@ -56,10 +58,47 @@ def test_each_method_runs_and_writes_a_run_folder(tiny_model, tmp_path, kw):
     assert summary["step"] == 4
     before, after = weights(tiny_model), weights(out / "model")
     changed = any(not torch.equal(before[k], after[k]) for k in before)
-    if kw["method"] == "grpo":  # no group with a reward difference means no gradient at all
+    if kw["method"] in ("grpo", "rlsd"):  # no group with a reward difference means no gradient at all
         assert changed == any(r["reward/groups_with_signal"] > 0 for r in log[1:])
     else:
         assert changed
+
+
+def test_hybrids_route_each_rollout_by_its_reward(tiny_model):
+    """SRPO: a solved rollout gets only the policy gradient, a failed one only distillation. RLSD:
+    the teacher scales a token's advantage within 1 +- eps and never flips its sign."""
+    from accelerate import Accelerator
+
+    from handrail.data import records_from_task
+    from handrail.evaluate import prompt_ids
+    from handrail.methods import RLSD, SRPO
+    from handrail.models import HiddenStates, load_model
+    from handrail.rollout import given_rollout
+    from handrail.tasks import get_task
+
+    task = get_task("chain")
+    lm, tok, templates = load_model(tiny_model)
+    rec = records_from_task(task.split("train", 1, level=2))[0]
+    recs = [rec] * 4
+    texts = [rec.solution, rec.solution, "1+1=3\n#### 3", "#### 0"]  # two solved, two failed
+    config = cfg(tiny_model, "unused", method="srpo", samples_per_prompt=4, prompts_per_step=1)
+    acc = Accelerator(cpu=True)
+    srpo = SRPO(config, lm, tok, templates, task)
+    rollout = given_rollout(tok, prompt_ids(tok, recs, templates), texts)
+    signal = srpo.score(recs, rollout, lm, acc)
+    pg, sd = signal.pg, signal.sd
+    assert pg.adv[:2].gt(0).all() and pg.adv[2:].lt(0).all()
+    assert pg.weight[2:].abs().sum() == 0 and pg.weight[:2].gt(0).any()
+    assert sd.mask[:2].sum() == 0 and sd.mask[2:].sum() > 0
+    loss, metrics = srpo.loss(lm.get_output_embeddings(), srpo.student_hidden(HiddenStates(lm), recs, rollout), rollout, signal)
+    assert torch.isfinite(loss) and "teacher/kl" in metrics and "policy/clipped" in metrics
+
+    rlsd = RLSD(cfg(tiny_model, "unused", method="rlsd", samples_per_prompt=4, prompts_per_step=1,
+                    teacher_weight_clip=0.1), lm, tok, templates, task)
+    signal = rlsd.score(recs, rollout, lm, acc)
+    tokens = rollout.completion_mask > 0
+    w = signal.weight[tokens]  # dapo weights are 1, so what is left is the teacher's factor
+    assert w.min() >= 0.9 - 1e-6 and w.max() <= 1.1 + 1e-6 and w.std() > 0
 
 
 def test_distillation_moves_the_student_towards_the_teacher(tiny_model, tmp_path):
@@ -129,6 +168,39 @@ def test_resume_continues_exactly(tiny_model, tmp_path):
     a, b = weights(tmp_path / "full" / "model"), weights(tmp_path / "cut" / "model")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert [r["step"] for r in rows(tmp_path / "cut")] == list(range(9))
+
+
+def test_lora_trains_an_adapter_that_reloads_merges_and_resumes(tiny_model, tmp_path):
+    """LoRA: only the adapter moves and is saved; the teacher is the base with the adapter off
+    (no copy); the folder reloads onto its base, the merged model matches it, resume is exact."""
+    pytest.importorskip("peft")
+    from handrail.config import build
+    from handrail.models import load_model
+
+    kw = dict(lora_r=4, lora_alpha=8, lr=1e-2, rollouts=64)
+    train(cfg(tiny_model, tmp_path / "full", lora_merge=True, **kw), log=lambda *_: None)
+    model = tmp_path / "full" / "model"
+    assert (model / "adapter_config.json").exists() and not (model / "model.safetensors").exists()
+    assert json.load(open(model / "handrail.json"))["base_model"] == os.path.abspath(tiny_model)
+    adapted, tok, _ = load_model(str(model))
+    merged, _, _ = load_model(str(tmp_path / "full" / "model-merged"))
+    base, _, _ = load_model(tiny_model)
+    ids = torch.tensor([tok("12+3-4\n")["input_ids"]])
+    with torch.no_grad():
+        a, m, b = adapted(ids).logits, merged(ids).logits, base(ids).logits
+    assert torch.allclose(a, m, atol=1e-4) and not torch.allclose(a, b, atol=1e-3)
+    with torch.no_grad(), adapted.disable_adapter():  # the base underneath was never trained
+        assert torch.allclose(adapted(ids).logits, b, atol=1e-6)
+    assert all(torch.equal(v, weights(tiny_model)[k]) for k, v in weights(tiny_model).items())
+    train(cfg(tiny_model, tmp_path / "cut", **{**kw, "rollouts": 32}), log=lambda *_: None)
+    train(build(TrainConfig, tmp_path / "cut" / "config.json", ["rollouts=64"]), resume=True, log=lambda *_: None)
+    x, y = load_file(model / "adapter_model.safetensors"), load_file(tmp_path / "cut" / "model" / "adapter_model.safetensors")
+    assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+    with pytest.raises(ValueError, match="config key 'teacher': ema"):
+        cfg(tiny_model, tmp_path / "e", lora_r=4, teacher="ema").validate()
+    from handrail.cli import main  # `handrail eval` takes the adapter folder as a model
+
+    assert main(["eval", "--model", str(model), "--n", "4", "--samples", "0", "--json"]) == 0
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(tiny_model, tmp_path):

@@ -1,0 +1,190 @@
+"""handrail beside TRL on the same base folder, task, prompts, verifier and held-out problems.
+
+    pip install 'trl==1.16.*'        # only this benchmark needs TRL
+    python benchmarks/trl_crosscheck.py --out runs/trl --seeds 0,1,2 --rollouts 1024
+
+For each seed, four trainings run one after another in this one process (so the two libraries'
+step times are taken interleaved, on the same threads and the same machine state):
+
+- GRPO at identical settings: TRL `GRPOTrainer` and handrail `--method grpo` (prompts x G,
+  temperature, completion length, beta 0, the loss variant, learning rate, constant schedule);
+- self-distillation at equal rollouts: TRL's experimental `SDFTTrainer` (frozen initial teacher,
+  full-vocabulary forward KL, one completion per prompt) and handrail `--method self-distill`
+  with its defaults (the aggregation rule and the divergence gate; `--sd-overrides` to change).
+
+The teacher prompt is handrail's own for both (TRL's template is set so the text is identical).
+Every trained model is saved as a folder and evaluated by handrail's evaluation (what
+`handrail eval` runs) on the same held-out problems, greedy. Step time is the wall time of the
+optimiser steps alone (sampling, teacher pass, loss, update), evaluation excluded, for both.
+Prints a table and writes `results.json` under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from handrail.data import student_prompt, teacher_prompt
+from handrail.evaluate import evaluate, is_correct
+from handrail.models import load_model
+from handrail.run import default_base_model, environment
+from handrail.train import TrainConfig, _records, train
+
+
+def handrail_run(base: str, out: Path, seed: int, a, **kw) -> dict:
+    cfg = TrainConfig(model=base, out=str(out), task=a.task, seed=seed, rollouts=a.rollouts, lr=a.lr,
+                      max_new_tokens=a.max_new_tokens, temperature=1.0, eval_n=0, checkpoint_every=0,
+                      threads=a.threads, **kw)
+    summary = train(cfg, log=lambda *_: None)
+    return {"folder": summary["model"], "steps": summary["step"], "train_seconds": summary["seconds"]}
+
+
+class StepClock:
+    """A transformers TrainerCallback (made on first use: transformers is imported lazily) timing
+    optimiser steps only."""
+
+    @staticmethod
+    def make():
+        from transformers import TrainerCallback
+
+        class _Clock(TrainerCallback):
+            def __init__(self):
+                self.seconds, self.steps, self._t0 = 0.0, 0, None
+
+            def on_step_begin(self, args, state, control, **kw):
+                self._t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                self.seconds += time.perf_counter() - self._t0
+                self.steps += 1
+
+        return _Clock()
+
+
+def trl_dataset(records, tokenizer, templates, with_context: bool):
+    from datasets import Dataset
+
+    rows = []
+    for i, r in enumerate(records):
+        prompt = student_prompt(tokenizer, r, templates)
+        row = {"prompt": prompt, "idx": i}
+        if with_context:
+            teacher = teacher_prompt(tokenizer, r, templates)
+            if not teacher.startswith(prompt):
+                sys.exit("trl_crosscheck: the teacher prompt does not begin with the student prompt; TRL's "
+                         "template cannot reproduce it for this base")
+            row["privileged_context"] = teacher[len(prompt):]
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+def trl_run(kind: str, base: str, out: Path, seed: int, a, task, records, tokenizer, templates) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    common = dict(output_dir=str(out / "trainer"), learning_rate=a.lr, lr_scheduler_type="constant",
+                  warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=a.rollouts // 16,
+                  max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, seed=seed,
+                  report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=True, bf16=False,
+                  gradient_accumulation_steps=1, disable_dropout=True)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    clock = StepClock.make()
+    if kind == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        def reward(completions, idx, **_):
+            return [float(is_correct(c, records[i], task)) for c, i in zip(completions, idx)]
+
+        args = GRPOConfig(per_device_train_batch_size=16, num_generations=a.group_size, beta=0.0,
+                          loss_type="dapo", scale_rewards="group", num_iterations=1, **common)
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
+                              train_dataset=trl_dataset(records, tokenizer, templates, False), callbacks=[clock])
+    else:
+        from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+        args = SDFTConfig(per_device_train_batch_size=16, num_generations=1, teacher_model_kind="base",
+                          teacher_prompt_template="{prompt}{privileged_context}", distillation_alpha=0.0,
+                          distillation_mode="full_logits", **common)
+        trainer = SDFTTrainer(model=model, args=args, processing_class=tokenizer,
+                              train_dataset=trl_dataset(records, tokenizer, templates, True), callbacks=[clock])
+    trainer.train()
+    folder = out / "model"
+    trainer.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "handrail.json").write_text((Path(base) / "handrail.json").read_text())  # the same templates
+    return {"folder": str(folder), "steps": clock.steps, "train_seconds": clock.seconds}
+
+
+def held_out(folder: str, records, task, a) -> float:
+    lm, tok, templates = load_model(folder)
+    return evaluate(lm, tok, templates, records, task=task, max_new_tokens=a.max_new_tokens)["accuracy"]
+
+
+def ms(xs):
+    return f"{statistics.mean(xs):.1%} ± {statistics.pstdev(xs):.1%}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", help="base model folder (default: the cached embedded default, built if missing)")
+    ap.add_argument("--task", default="chain")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rollouts", type=int, default=1024, help="sampled completions per training (16 per step)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--group-size", type=int, default=4, help="GRPO's G (16 completions per step in all)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--eval-n", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="grpo,sdft", help="grpo, sdft or both")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    try:
+        import trl
+    except ImportError:
+        sys.exit("trl_crosscheck: TRL is not installed; pip install 'trl==1.16.*'")
+    torch.set_num_threads(a.threads)
+    base = a.base or str(default_base_model())
+    out = Path(a.out)
+    task, train_recs, eval_recs = _records(TrainConfig(model=base, task=a.task, eval_n=a.eval_n))
+    _, tokenizer, templates = load_model(base)
+    base_acc = held_out(base, eval_recs, task, a)
+    print(f"base {base}: held-out greedy pass@1 {base_acc:.1%} (n={len(eval_recs)}); TRL {trl.__version__}")
+    pairs = {"grpo": ("handrail grpo", "TRL GRPOTrainer"), "sdft": ("handrail self-distill", "TRL SDFTTrainer")}
+    results = {name: {"handrail": [], "trl": []} for name in a.only.split(",")}
+    for seed in map(int, a.seeds.split(",")):
+        for name in results:
+            # handrail and TRL alternate, so slow drift in the machine's speed hits both alike
+            kw = (dict(method="grpo", prompts_per_step=16 // a.group_size, samples_per_prompt=a.group_size)
+                  if name == "grpo" else dict(method="self-distill", prompts_per_step=16))
+            h = handrail_run(base, out / f"{name}-handrail-s{seed}", seed, a, **kw)
+            t = trl_run(name, base, out / f"{name}-trl-s{seed}", seed, a, task,
+                        _records(TrainConfig(model=base, task=a.task, seed=seed))[1], tokenizer, templates)
+            for lib, r in (("handrail", h), ("trl", t)):
+                r["seed"], r["accuracy"] = seed, held_out(r["folder"], eval_recs, task, a)
+                r["step_seconds"] = r["train_seconds"] / max(r["steps"], 1)
+                r["folder"] = str(Path(r["folder"]).relative_to(out))
+                results[name][lib].append(r)
+                print(f"[{name} seed {seed}] {pairs[name][0 if lib == 'handrail' else 1]}: {r['accuracy']:.1%}, "
+                      f"{r['step_seconds']:.3f} s/step over {r['steps']} steps", flush=True)
+    lines = [f"base {base_acc:.1%}; {a.rollouts} rollouts, lr {a.lr:g}, seeds {a.seeds}; held-out greedy pass@1, "
+             f"n={len(eval_recs)}", "", "| | handrail | TRL | TRL s/step ÷ handrail s/step |", "|---|---|---|---|"]
+    for name, r in results.items():
+        ratio = [t["step_seconds"] / h["step_seconds"] for h, t in zip(r["handrail"], r["trl"])]
+        lines.append(f"| {pairs[name][0]} vs {pairs[name][1]} | {ms([x['accuracy'] for x in r['handrail']])} | "
+                     f"{ms([x['accuracy'] for x in r['trl']])} | {statistics.mean(ratio):.2f} "
+                     f"(per seed {', '.join(f'{x:.2f}' for x in ratio)}) |")
+        r["time_ratio"] = ratio
+    print("\n".join(lines))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(
+        {"args": vars(a), "base_accuracy": base_acc, "results": results, "table": lines,
+         "trl_version": trl.__version__, "environment": environment(base)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""How a completion is checked against the answer of a record read from a file (embedded tasks
+check their own: tasks.py).
+
+`verifier` names one: `exact` (the text after the last `####`, compared as a string or a
+number), `math` (the `math-verify` package: LaTeX and expressions, `\\boxed{}` answers,
+equivalent forms such as 1/2 and 0.5), or `module:function`, any importable
+`function(completion: str, answer: str) -> bool`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Callable
+
+from handrail.tasks import ANSWER_MARK, answers_match, extract_answer
+
+Verify = Callable[[str, str], bool]
+
+
+def exact(completion: str, answer: str) -> bool:
+    return answers_match(extract_answer(completion), answer)
+
+
+def math(completion: str, answer: str) -> bool:
+    from math_verify import parse, verify
+
+    gold = parse(answer if "$" in answer or "\\boxed" in answer else f"${answer}$")
+    # a completion in the lab's own style ends '#### 42': read that answer, not some earlier number
+    marked = extract_answer(completion)
+    pred = parse(f"${marked}$") if marked else parse(completion)
+    return bool(gold) and bool(pred) and bool(verify(gold, pred))
+
+
+BUILTIN = {"exact": exact, "math": math}
+
+
+def load(spec: str) -> Verify:
+    """The verifier `spec` names; a ValueError naming config key 'verifier' otherwise."""
+    if spec in BUILTIN:
+        if spec == "math":
+            if importlib.util.find_spec("math_verify") is None:
+                raise ValueError("config key 'verifier': math needs the math-verify package "
+                                 "(pip install 'handrail[math]')")
+        return BUILTIN[spec]
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"config key 'verifier': expected exact, math or module:function, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"config key 'verifier': cannot load {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ValueError(f"config key 'verifier': {spec!r} is not a function")
+    return fn
+
+
+class FileTask:
+    """What a task gives the loop (verify, leaked) for records from a file: the chosen verifier,
+    and the data-file leak (a final answer on the completion's first non-empty line)."""
+
+    def __init__(self, verifier: str = "exact"):
+        self.verifier = verifier
+        self._verify = load(verifier)
+
+    def verify(self, completion: str, answer: str) -> bool:
+        try:
+            return bool(self._verify(completion, answer))
+        except Exception:  # a checker that fails on odd model output has not accepted it
+            if self.verifier in BUILTIN:
+                return False
+            raise
+
+    def leaked(self, completion: str, level: int = 0) -> bool:
+        lines = [ln for ln in completion.splitlines() if ln.strip()]
+        return bool(lines) and ANSWER_MARK in lines[0]
