@@ -5,7 +5,9 @@ at that token. With a 49k vocabulary and 1k-token completions, the naive `B×T×
 log-softmax, teacher log-probs and target would each be gigabytes, so `chunked_sum` applies the
 LM head to one slice of positions at a time under activation checkpointing: only one chunk's
 `b×c×V` tensors exist at any moment, forward or backward. `naive_sum` does the same maths in
-one piece and exists for the tests.
+one piece and exists for the tests. Self-distillation with a plain linear head goes one step
+further (`fused_distill_sum`): its gradient is known in closed form, so it is taken chunk by
+chunk in the forward pass and nothing is recomputed in backward.
 
 A chunk function takes `(logits_B_C_V, *ref_logits_B_C_V, *per_token_B_C)` and returns a tuple of
 scalar sums, the first of which is the loss; the rest are metrics. `refs` are other models'

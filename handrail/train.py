@@ -5,12 +5,14 @@
         sample prompts            (the same global draw on every process; each takes its slice)
         roll out                  (student completions g ~ pi(.|P_S), KV-cached, no grad; or
                                    guided by the teacher; or the turns of logged conversations)
-        score                     (teacher hidden states on [P_T, g] / rewards; no grad)
+        score                     (a typed signal: teacher hidden states on [P_T, g] / advantages; no grad)
         loss                      (a per-token signal on completion tokens, chunked over T)
         step                      (backward, clip, optimizer, EMA teacher)
         log / eval / checkpoint
 
-Methods differ only in `score` and the chunk loss they hand to `chunked_sum` (see methods.py).
+Methods differ only in `score` and the chunk loss they compute from its signal (methods.py).
+With `lora_r`, the policy is the base with peft adapters and the base with the adapter off is
+the initial model (teacher, reference): no second copy of the weights.
 Losses are sums over tokens divided by the *global* token count, so N processes at a global
 batch of B reproduce one process at B.
 """
