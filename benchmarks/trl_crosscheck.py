@@ -157,13 +157,13 @@ def main():
     pairs = {"grpo": ("handrail grpo", "TRL GRPOTrainer"), "sdft": ("handrail self-distill", "TRL SDFTTrainer")}
     results = {name: {"handrail": [], "trl": []} for name in a.only.split(",")}
     for seed in map(int, a.seeds.split(",")):
+        seed_records = _records(TrainConfig(model=base, task=a.task, seed=seed))[1]  # handrail's for this seed
         for name in results:
             # handrail and TRL alternate, so slow drift in the machine's speed hits both alike
             kw = (dict(method="grpo", prompts_per_step=16 // a.group_size, samples_per_prompt=a.group_size)
                   if name == "grpo" else dict(method="self-distill", prompts_per_step=16))
             h = handrail_run(base, out / f"{name}-handrail-s{seed}", seed, a, **kw)
-            t = trl_run(name, base, out / f"{name}-trl-s{seed}", seed, a, task,
-                        _records(TrainConfig(model=base, task=a.task, seed=seed))[1], tokenizer, templates)
+            t = trl_run(name, base, out / f"{name}-trl-s{seed}", seed, a, task, seed_records, tokenizer, templates)
             for lib, r in (("handrail", h), ("trl", t)):
                 r["seed"], r["accuracy"] = seed, held_out(r["folder"], eval_recs, task, a)
                 r["step_seconds"] = r["train_seconds"] / max(r["steps"], 1)

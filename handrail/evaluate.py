@@ -10,23 +10,24 @@ import torch
 from handrail.data import DataError, Record, Templates, hint_for, reference_answer, student_prompt, teacher_prompt
 from handrail.models import stop_ids
 from handrail.rollout import sample
-from handrail.tasks import ANSWER_MARK, StepArithmeticTask, answers_match, extract_answer
+from handrail.tasks import StepArithmeticTask
+from handrail.verifiers import FileTask
 
 
-def is_correct(text: str, rec: Record, task: StepArithmeticTask | None) -> bool:
+EXACT = FileTask("exact")  # what checks records from a file when no task or verifier is given
+
+
+def is_correct(text: str, rec: Record, task: StepArithmeticTask | FileTask | None) -> bool:
     ref = reference_answer(rec)
     if ref is None:
         return False
-    return task.verify(text, ref) if task else answers_match(extract_answer(text), ref)
+    return (task or EXACT).verify(text, ref)
 
 
-def is_leak(text: str, rec: Record, task: StepArithmeticTask | None) -> bool:
-    """Embedded tasks define their own leak; for user data, a leak is a final answer stated on
-    the completion's first non-empty line, before any work."""
-    if task is not None:
-        return task.leaked(text, rec.level)
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return bool(lines) and ANSWER_MARK in lines[0]
+def is_leak(text: str, rec: Record, task: StepArithmeticTask | FileTask | None) -> bool:
+    """Embedded tasks define their own leak; for user data (FileTask), a leak is a final answer
+    stated on the completion's first non-empty line, before any work."""
+    return (task or EXACT).leaked(text, rec.level)
 
 
 def prompt_ids(tokenizer, records: list[Record], templates: Templates, hint: str = "none") -> list[list[int]]:

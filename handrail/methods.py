@@ -319,7 +319,8 @@ class RLSD(GRPO):
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
-        self.teacher = _frozen_copy(initial_lm)
+        # the KL reference, when kl_coef asks for one, is the same initial model: share it
+        self.teacher = self.reference if self.reference is not None else _frozen_copy(initial_lm)
 
     @torch.no_grad()
     def score(self, records, rollout, lm_now, acc):

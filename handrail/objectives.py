@@ -106,8 +106,9 @@ class _FusedDistill(torch.autograd.Function):
             logq = rule(logp_S, logp_T, logp_0)
             m = mask[:, s:e].float()
             per_tok = kl(logq, logp_S)
-            totals += torch.stack([(per_tok * m).sum(), (per_tok * m).sum(),
-                                   ((per_tok > intervene_kl).float() * m).sum(), (kl(logp_T, logp_S) * m).sum()])
+            kl_sum = (per_tok * m).sum()  # the loss, and its value as a metric
+            totals += torch.stack([kl_sum, kl_sum, ((per_tok > intervene_kl).float() * m).sum(),
+                                   (kl(logp_T, logp_S) * m).sum()])
             g = (logp_S.exp() - logq.exp()) * m[..., None]  # d loss / d logits
             del logp_S, logp_T, logp_0, logq
             grad_h[:, s:e] = (g @ weight.float()).to(hidden.dtype)

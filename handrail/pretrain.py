@@ -32,10 +32,10 @@ import torch
 
 from handrail.data import TINY_TEMPLATES, Record, hint_for, load_records, records_from_task, reference_answer
 from handrail.data import student_prompt, teacher_prompt
-from handrail.verifiers import FileTask
 from handrail.evaluate import evaluate
 from handrail.models import build_char_tokenizer, build_tiny_model, save_model
 from handrail.tasks import ANSWER_MARK, DEFAULT_TASK, get_task
+from handrail.verifiers import FileTask
 from handrail.run import progress
 
 

@@ -201,6 +201,28 @@ def test_lora_trains_an_adapter_that_reloads_merges_and_resumes(tiny_model, tmp_
     from handrail.cli import main  # `handrail eval` takes the adapter folder as a model
 
     assert main(["eval", "--model", str(model), "--n", "4", "--samples", "0", "--json"]) == 0
+    assert main(["decode", "--model", str(model), "--index", "0", "--max-new-tokens", "8"]) == 0
+
+
+def test_a_data_runs_verifier_grades_the_rewards_and_the_evaluation(tiny_model, tmp_path, monkeypatch):
+    """verifier=module:function reaches GRPO's reward and the held-out evaluation of a data run,
+    on a GSM8K-style file read as it is: a verifier that accepts everything scores 100%."""
+    from handrail.tasks import get_task
+
+    problems = get_task("chain").split("train", 24, level=2)
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": p.prompt, "answer": p.solution}) + "\n" for p in problems))
+    (tmp_path / "yes_verifier.py").write_text(
+        "calls = []\ndef check(completion, answer):\n    calls.append(answer)\n    return True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import yes_verifier
+
+    out = tmp_path / "run"
+    train(cfg(tiny_model, out, data=str(data), eval_data=str(data), verifier="yes_verifier:check", method="grpo",
+              samples_per_prompt=4, prompts_per_step=4, rollouts=32, eval_n=0), log=lambda *_: None)
+    log = rows(out)
+    assert log[0]["eval/pass@1"] == 1.0 and all(r["reward/mean"] == 1.0 for r in log[1:])
+    assert set(yes_verifier.calls) <= {p.answer for p in problems} and len(yes_verifier.calls) >= 32 + 24
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(tiny_model, tmp_path):
