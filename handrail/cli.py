@@ -83,6 +83,49 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_search(a) -> int:
+    from handrail.evaluate import fit_records, prompt_limit
+    from handrail.models import load_model
+    from handrail.run import eval_records, progress
+    from handrail.search import SearchConfig, search
+
+    if a.overrides or a.config:
+        raise C.ConfigError(f"{a.overrides[0] if a.overrides else '--config'}: search takes flags only "
+                            f"(see handrail search --help), not config keys")
+    for flag, value, ok in (("--temperature", a.temperature, a.temperature > 0), ("--c-puct", a.c_puct, a.c_puct >= 0)):
+        if not ok:
+            raise C.ConfigError(f"{flag}: {value} is out of range ({'> 0' if flag == '--temperature' else '>= 0'})")
+    if not a.delimiter:
+        raise C.ConfigError("--delimiter: must not be empty")
+    try:
+        task, records = eval_records(a.task, a.data, a.level, a.n, a.fields, a.verifier)
+    except ValueError as e:
+        raise C.ConfigError(str(e).replace("config key 'verifier'", "--verifier")
+                            .replace("config key 'fields'", "--fields")) from None
+    value = a.value or ("answer" if a.data else "check")
+    cfg = SearchConfig(simulations=a.simulations, candidates=a.candidates, c_puct=a.c_puct, value=value,
+                       max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                       delimiter=a.delimiter.encode().decode("unicode_escape"), batch_size=a.batch_size)
+    model, tokenizer, templates = load_model(a.model, templates=a.templates)
+    records = fit_records(tokenizer, records, templates, prompt_limit(model, a.max_new_tokens), "error", ("none",))
+    if value == "answer" and not a.json:
+        print("note: --value answer scores rollouts against the reference answer: an oracle, an upper bound "
+              "rather than a test-time result", file=sys.stderr)
+    bar = progress(len(records), "best-of-n" if a.best_of else "search", "problem")
+    summary, rows = search(model, tokenizer, templates, records, task, cfg, best_of=a.best_of, seed=a.seed,
+                           progress=bar)
+    bar.close()
+    if a.out:
+        with open(a.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{summary['method']}: accuracy {summary['accuracy']:.1%} | "
+              f"{summary['tokens_per_problem']:.0f} generated tokens per problem | n={summary['n']} | value={value}")
+    return 0
+
+
 def cmd_train(a) -> int:
     from handrail.run import check_out
     from handrail.train import TrainConfig, train
@@ -219,6 +262,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--verifier", default="exact", help="data: exact (default) | math (math-verify) | module:function")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("search", help="step-level pUCT search at test time (or best-of-N at the same accounting)")
+    _common(p)
+    p.add_argument("--simulations", type=_count(1), default=8, help="simulations per move")
+    p.add_argument("--candidates", type=_count(1), default=4, help="next steps sampled per expansion")
+    p.add_argument("--c-puct", type=float, default=1.0, help="exploration weight of the prior")
+    p.add_argument("--value", choices=["check", "answer"],
+                   help="check: the task's program check, no answer (embedded tasks; default) | "
+                        "answer: the reference answer (data files; an oracle at test time)")
+    p.add_argument("--best-of", type=_count(0), default=0, metavar="N",
+                   help="instead of searching, sample up to N completions per problem (stop at the first that passes the check)")
+    p.add_argument("--delimiter", default="\\n", help="what ends a step (escapes such as \\n are read)")
+    p.add_argument("--level", type=_count(1), help="task difficulty (default: the task's post-training level)")
+    p.add_argument("--n", type=_count(1), default=200, help="problems")
+    p.add_argument("--max-new-tokens", type=_count(1), default=96)
+    p.add_argument("--batch-size", type=_count(1), default=64, help="problems searched at once")
+    p.add_argument("--templates", help="JSON file with 'student' and 'teacher' prompt templates")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fields", help="data: other field names, e.g. prompt=query,solution=target")
+    p.add_argument("--verifier", default="exact", help="data: exact (default) | math (math-verify) | module:function")
+    p.add_argument("--out", help="also write one JSON line per problem (completion, correct, tokens) here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("train", help="post-train a model (self-distill, grpo or sft)")
     _common(p, model=False)

@@ -110,6 +110,8 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
 
     if method in GROUPED:
         kw.update(prompts_per_step=cfg.samples_per_step // cfg.group_size, samples_per_prompt=cfg.group_size)
+    if method == "vine":  # one rollout per prompt, and its branches fill the step's samples
+        kw.update(prompts_per_step=max(1, cfg.samples_per_step // cfg.group_size), samples_per_prompt=1)
     if rule:
         kw["rule"] = rule
     if rollout:
@@ -123,14 +125,21 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
     bad = next((item for item in extra if "=" not in item), None)
     if bad is not None:
         raise C.ConfigError(f"config key 'train': {bad!r} is not key=value")
-    return C.build(TrainConfig, overrides={**kw, **dict(item.split("=", 1) for item in extra),
-                                           **dict(item.split("=", 1) for item in own), **(chosen or {})})
+    built = C.build(TrainConfig, overrides={**kw, **dict(item.split("=", 1) for item in extra),
+                                            **dict(item.split("=", 1) for item in own), **(chosen or {})})
+    if built.rollouts_per_step != cfg.samples_per_step and "eval_every" not in (chosen or {}):
+        # a method whose steps cost other than samples_per_step (vine's branches) is evaluated
+        # as often in samples, not in steps
+        built.eval_every = max(1, built.rollouts // built.rollouts_per_step // cfg.eval_points)
+    return built
 
 
 def curve(run: Path, per_step: int) -> list[dict]:
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    # a bootstrap stage's samples (train.py) come before step 1 and count like any others
-    return [{"samples": r["step"] * per_step + r.get("bootstrap_rollouts", 0), "seconds": r["seconds"],
+    # a bootstrap stage's samples (train.py) come before step 1 and count like any others; a run
+    # that samples logs its own count (with vine's branches), SFT's examples are steps x per_step
+    return [{"samples": max(r.get("rollouts", 0), r["step"] * per_step + r.get("bootstrap_rollouts", 0)),
+             "seconds": r["seconds"],
              "pass@1": r["eval/pass@1"], "leak_rate": r["eval/leak_rate"]} for r in rows if "eval/pass@1" in r]
 
 

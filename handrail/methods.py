@@ -54,7 +54,7 @@ class PolicySignal:
     """A policy gradient: one advantage per sequence, token weights that set how token losses
     are averaged (and, for RLSD, the teacher's per-token factor), reference log-probs for the KL."""
 
-    adv: torch.Tensor  # (B,)
+    adv: torch.Tensor  # (B,) one per sequence, or (B, T) one per token (vine)
     weight: torch.Tensor  # (B, T) or broadcastable
     ref_logp: torch.Tensor  # (B, T)
     rewards: torch.Tensor  # (global B,) every process's rewards, for group metrics
@@ -242,21 +242,23 @@ class GRPO(Method):
         mask = rollout.completion_mask
         weight = pg_token_weights(mask, self.cfg.grpo_loss, acc.reduce(mask.sum(), "sum"),
                                   len(records) * acc.num_processes, self.cfg.max_new_tokens)
-        ref_logp = rollout.logprobs
-        if self.reference is not None:
-            hidden = completion_hidden(HiddenStates(self.reference), rollout.prompt_ids, rollout,
-                                       self.tokenizer.pad_token_id)
-            ref_logp = _token_logps(hidden, self.reference.get_output_embeddings(), rollout.completion_ids,
-                                    self.cfg.temperature, self.cfg.chunk_size)
+        ref_logp = rollout.logprobs if self.reference is None else self._reference_logp(rollout)
         return PolicySignal(adv, weight, ref_logp, every)
+
+    def _reference_logp(self, rollout):
+        hidden = completion_hidden(HiddenStates(self.reference), rollout.prompt_ids, rollout,
+                                   self.tokenizer.pad_token_id)
+        return _token_logps(hidden, self.reference.get_output_embeddings(), rollout.completion_ids,
+                            self.cfg.temperature, self.cfg.chunk_size)
 
     def loss(self, head, hidden, rollout, signal):
         B, T = rollout.completion_ids.shape
         fn = clipped_pg_chunk(self.cfg.clip_eps, self.cfg.kl_coef)
         temp = max(self.cfg.temperature, 1e-6)
+        adv = signal.adv if signal.adv.dim() == 2 else signal.adv[:, None]
         loss, k3, clipped = chunked_sum(
             lambda logits, *a: fn(logits / temp, *a), hidden, head, rollout.completion_ids,
-            rollout.logprobs, signal.ref_logp, signal.adv[:, None] * signal.weight.expand(B, T),
+            rollout.logprobs, signal.ref_logp, adv * signal.weight.expand(B, T),
             rollout.completion_mask, chunk_size=self.cfg.chunk_size)
         return loss, {"policy/kl_ref": k3, "policy/clipped": clipped}
 
@@ -381,5 +383,84 @@ class SRPO(Method):
         self.distill.load_state_dict(state)
 
 
-METHODS = {"self-distill": SelfDistill, "grpo": GRPO, "sft": SFT, "rlsd": RLSD, "srpo": SRPO}
+def branch_points(ends: list[int], n: int) -> list[int]:
+    """`n` token positions to branch a rollout at: the start (0) and up to n - 1 of its inner
+    step ends, evenly spread; with fewer inner ends than that, the start is used again (more
+    continuations for its value). `ends` is steps.step_ends' row (its last entry, the end of
+    the completion, is never a branch point: the rollout's own reward is its value)."""
+    inner = ends[:-1]
+    k = min(n - 1, len(inner))
+    chosen = [inner[round((i + 1) * len(inner) / (k + 1)) - 1] for i in range(k)] if k else []
+    return sorted([0] * (n - k) + chosen)
+
+
+def step_advantages(points: list[int], values: list[float], length: int, reward: float, T: int) -> torch.Tensor:
+    """(T,) per-token advantages of one rollout from Monte Carlo values: `values[i]` estimates the
+    expected reward after the first `points[i]` tokens; the tokens between two points get the
+    change in value across them, and the last segment ends at `length` with the rollout's own
+    `reward`. Repeated points are averaged into one value."""
+    merged: dict[int, list[float]] = {}
+    for p, v in zip(points, values):
+        merged.setdefault(p, []).append(v)
+    marks = sorted((p, sum(v) / len(v)) for p, v in merged.items()) + [(length, reward)]
+    adv = torch.zeros(T)
+    for (a, va), (b, vb) in zip(marks, marks[1:]):
+        adv[a:b] = vb - va
+    return adv
+
+
+class Vine(GRPO):
+    """GRPO's loss with a value for every step instead of one advantage per sequence (VinePPO,
+    arXiv 2410.01679): each rollout is branched at `vine_points` positions (its start and step
+    ends, steps.py); from each, `vine_k` continuations of the current policy estimate the
+    expected reward there (Monte Carlo, no value network); a segment's tokens get the change in
+    value it causes. A slip in the third line of an otherwise good solution is blamed on that
+    line alone. Every continuation counts in the rollout budget (TrainConfig.rollouts_per_step),
+    so at equal rollouts vine takes fewer, better-informed steps than GRPO."""
+
+    @torch.no_grad()
+    def score(self, records, rollout, lm_now, acc):
+        from handrail.models import stop_ids
+        from handrail.rollout import sample
+        from handrail.steps import delimiter_table, step_ends
+
+        cfg, device = self.cfg, rollout.completion_ids.device
+        B, T = rollout.completion_ids.shape
+        rewards = torch.tensor([float(is_correct(t, r, self.task)) for t, r in zip(rollout.texts, records)])
+        ends = step_ends(rollout.completion_ids, rollout.completion_mask, delimiter_table(self.tokenizer, cfg.step_delimiter))
+        points = [branch_points(e, cfg.vine_points) for e in ends]
+        ids = rollout.completion_ids.tolist()
+        prefixes, owners = [], []
+        for i, row in enumerate(points):
+            for p in row:
+                prefixes += [rollout.prompt_ids[i] + ids[i][:p]] * cfg.vine_k
+                owners += [(i, p)] * cfg.vine_k
+        # one batched, KV-cached call for every continuation; each is then cut to what the
+        # rollout's own token budget leaves after its prefix
+        branches = sample(lm_now, self.tokenizer, prefixes, max_new_tokens=cfg.max_new_tokens,
+                          stop_ids=stop_ids(self.tokenizer), temperature=cfg.temperature, top_p=cfg.top_p)
+        cont = branches.completion_ids.tolist()
+        mask = branches.completion_mask.tolist()
+        values: dict[tuple[int, int], list[float]] = {}
+        for j, (i, p) in enumerate(owners):
+            keep = [t for t, m in zip(cont[j], mask[j]) if m][:cfg.max_new_tokens - p]
+            text = self.tokenizer.decode(ids[i][:p] + keep, skip_special_tokens=True)
+            values.setdefault((i, p), []).append(float(is_correct(text, records[i], self.task)))
+        adv = torch.stack([
+            step_advantages([p for p in points[i]], [sum(values[(i, p)]) / cfg.vine_k for p in points[i]],
+                            int(rollout.completion_mask[i].sum()), rewards[i].item(), T)
+            for i in range(B)]).to(device) * rollout.completion_mask
+        weight = pg_token_weights(rollout.completion_mask, cfg.grpo_loss, acc.reduce(rollout.completion_mask.sum(), "sum"),
+                                  B * acc.num_processes, cfg.max_new_tokens)
+        ref_logp = rollout.logprobs if self.reference is None else self._reference_logp(rollout)
+        every = acc.gather(rewards.to(device))
+        self._credited = (adv != 0).float().sum() / rollout.completion_mask.sum().clamp(min=1)
+        return PolicySignal(adv, weight, ref_logp, every)
+
+    def step_metrics(self, signal):
+        r = signal.rewards
+        return {"reward/mean": r.mean().item(), "vine/credited_tokens": self._credited.item()}
+
+
+METHODS = {"self-distill": SelfDistill, "grpo": GRPO, "sft": SFT, "rlsd": RLSD, "srpo": SRPO, "vine": Vine}
 GROUPED = ("grpo", "rlsd", "srpo")  # methods that compare completions within a prompt's group

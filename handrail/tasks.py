@@ -148,6 +148,63 @@ class StepArithmeticTask:
         done = sum(len(_ops(m)) for m in map(_STEP_RE.match, head.splitlines()) if m)
         return done < level
 
+    # -- steps: what a program can check without the answer (steps.py) ---------------------------
+    def step_valid(self, prompt: str, previous: list[str], step: str) -> bool:
+        """Whether `step` (one line) is a valid next step after `previous` for problem `prompt`:
+        a step line `a+b-c=d` must start from the previous result (the prompt's start for the
+        first), apply the prompt's next operations (for `sum`: numbers not used yet), and be right;
+        a final line `#### n` must come after every operation and state the last result. Nothing
+        is valid after it."""
+        state = self._replay(prompt, previous)
+        return state is not None and self._advance(state, step) is not None
+
+    def checked(self, prompt: str, completion: str) -> bool:
+        """The whole completion passes the step checks and ends with its answer: correct, found
+        without looking at the reference answer."""
+        from handrail.steps import split_steps
+
+        state = self._replay(prompt, split_steps(completion))
+        return state is not None and state[2]
+
+    def _initial(self, prompt: str):
+        """(running value or None, operations still to do, answered) before any step."""
+        raise NotImplementedError
+
+    def _replay(self, prompt: str, steps: list[str]):
+        state = self._initial(prompt)
+        for s in steps:
+            if state is None:
+                return None
+            state = self._advance(state, s)
+        return state
+
+    def _advance(self, state, step: str):
+        acc, todo, answered = state
+        line = step.strip()
+        if answered or not line:
+            return None
+        if line.startswith(ANSWER_MARK):
+            ok = not todo and acc is not None and answers_match(line[len(ANSWER_MARK):], str(acc))
+            return (acc, todo, True) if ok else None
+        m = _STEP_RE.match(line)
+        if m is None:
+            return None
+        head, ops = int(m.group(1)), _ops(m)
+        todo = self._consume(acc, todo, head, ops)
+        if todo is None:
+            return None
+        value = head
+        for op, v in ops:
+            value = _apply(value, op, v)
+        return (value, todo, False) if value == int(m.group(3)) else None
+
+    def _consume(self, acc, todo: list, head: int, ops: list) -> list | None:
+        """The operations left once a step starting from `head` has done `ops`, or None if the
+        step may not do them."""
+        if head != acc or todo[:len(ops)] != ops:
+            return None
+        return todo[len(ops):]
+
     # -- how other writers write the same solution -----------------------------------------------
     def misconception(self, acc: int, op: str, v: int) -> int | None:
         """The student's wrong result for this step, or None where its misconception does not apply."""
@@ -204,6 +261,10 @@ class ChainTask(StepArithmeticTask):
             return acc - acc % 10 + (v - acc % 10)
         return None
 
+    def _initial(self, prompt):
+        m = re.fullmatch(r"\s*(\d+)((?:[+\-]\d+)*)\s*", prompt)
+        return None if m is None else (int(m.group(1)), [(op, int(v)) for op, v in _OP_RE.findall(m.group(2))], False)
+
     def make(self, rng: random.Random, level: int) -> Problem:
         start = rng.randint(10, 89)
         acc, ops = start, []
@@ -229,6 +290,25 @@ class SumTask(StepArithmeticTask):
         if op == "+" and v >= 10 and acc % 10 + v % 10 >= 10:
             return acc + v - 10
         return None
+
+    def _initial(self, prompt):
+        m = re.fullmatch(r"\s*sum((?:\s+\d+)+)\s*", prompt)
+        return None if m is None else (None, [("+", int(v)) for v in m.group(1).split()], False)
+
+    def _consume(self, acc, todo, head, ops):
+        """Any order: the first step starts from one of the numbers, each adds unused ones."""
+        todo = list(todo)
+        if acc is None:
+            if ("+", head) not in todo:
+                return None
+            todo.remove(("+", head))
+        elif head != acc:
+            return None
+        for op in ops:
+            if op not in todo:
+                return None
+            todo.remove(op)
+        return todo
 
     def make(self, rng: random.Random, level: int) -> Problem:
         nums = [rng.randint(2, 19) for _ in range(level + 1)]

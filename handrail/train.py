@@ -63,7 +63,7 @@ class TrainConfig:
     eval_data: str | None = None  # held-out records for `data` runs (default: none)
     fields: str | None = None  # data: other field names, "prompt=question,solution=answer" (common layouts need none)
     verifier: str = "exact"  # data: how answers are checked: exact | math (math-verify) | module:function
-    method: str = "self-distill"  # self-distill | grpo | sft | rlsd (grpo, the teacher sizing each token) | srpo (solved rollouts to grpo, failed to self-distill)
+    method: str = "self-distill"  # self-distill | grpo | sft | rlsd (grpo, the teacher sizing each token) | srpo (solved rollouts to grpo, failed to self-distill) | vine (grpo with Monte Carlo step values)
     rule: str = "trust-region"  # aggregation (targets.py): trust-region | geometric | support | none | considered | anchored
     teacher: str = "frozen"  # frozen (initial weights) | live (current, no grad) | ema
     ema_decay: float = 0.95  # for teacher=ema
@@ -96,6 +96,9 @@ class TrainConfig:
     kl_coef: float = 0.0  # grpo: weight of KL to the initial model (0 = no reference pass)
     grpo_loss: str = "dapo"  # grpo: how token losses are averaged: dapo (over tokens) | grpo (per sequence) | dr_grpo (constant)
     scale_rewards: bool = True  # grpo: divide advantages by the group's reward std (Dr. GRPO: false)
+    vine_points: int = 2  # vine: branch points per rollout (its start and step ends)
+    vine_k: int = 2  # vine: continuations per branch point; each counts as a rollout
+    step_delimiter: str = "\n"  # what ends a step (vine, search): a line break by default
     chunk_size: int = 128  # sequence positions per loss chunk
     level: int | None = None  # task difficulty to train and evaluate on (default: task's post level)
     train_n: int = 2000  # training problems drawn from the task
@@ -123,7 +126,7 @@ class TrainConfig:
         "lr": "(0, )", "weight_decay": "[0, )", "grad_clip": "(0, )", "clip_eps": "(0, )", "teacher_weight_clip": "[0, 1]", "kl_coef": "[0, )",
         "chunk_size": "[1, )", "level": "[1, )", "train_n": "[1, )", "eval_n": "[0, )", "eval_every": "[0, )",
         "eval_samples": "[0, )", "checkpoint_every": "[0, )", "threads": "[0, )", "max_nonfinite": "[1, )",
-        "lora_r": "[0, )", "lora_alpha": "(0, )",
+        "lora_r": "[0, )", "lora_alpha": "(0, )", "vine_points": "[1, )", "vine_k": "[1, )",
     }
     CHOICES = {
         "method": lambda: _registry("methods", "METHODS"), "rule": lambda: _registry("targets", "RULES"),
@@ -161,7 +164,11 @@ class TrainConfig:
                              f"so it needs at least 2 per prompt, got {self.samples_per_prompt}")
         if self.rollouts < self.rollouts_per_step:
             raise ValueError(f"config key 'rollouts': {self.rollouts} does not buy one step of "
-                             f"prompts_per_step x samples_per_prompt = {self.rollouts_per_step} rollouts")
+                             f"prompts_per_step x samples_per_prompt"
+                             + (" x (1 + vine_points x vine_k)" if self.method == "vine" else "")
+                             + f" = {self.rollouts_per_step} rollouts")
+        if not self.step_delimiter:
+            raise ValueError("config key 'step_delimiter': must not be empty")
         if self.reference == "terse" and self.data:
             raise ValueError("config key 'reference': terse rewrites an embedded task's references; "
                              "with --data, give terse solutions in the file")
@@ -175,7 +182,9 @@ class TrainConfig:
 
     @property
     def rollouts_per_step(self) -> int:
-        return self.prompts_per_step * self.samples_per_prompt
+        """Sampled completions per step: the rollouts, and for vine every continuation too."""
+        branches = self.vine_points * self.vine_k if self.method == "vine" else 0
+        return self.prompts_per_step * self.samples_per_prompt * (1 + branches)
 
 
 @dataclass
@@ -257,7 +266,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     if cfg.log_with:
         acc.init_trackers(out.name, config=asdict(cfg))
     stops = stop_ids(tokenizer)
-    rows = _slice(cfg.rollouts_per_step, acc.process_index, acc.num_processes)
+    rows = _slice(cfg.prompts_per_step * cfg.samples_per_prompt, acc.process_index, acc.num_processes)
     sampling = method.needs_rollouts and cfg.rollout != "logged"
 
     def evaluate_now():

@@ -71,6 +71,13 @@ class FileTask:
                 return False
             raise
 
+    def step_valid(self, prompt, previous: list[str], step: str) -> bool:
+        """Form only (no program knows a file task's arithmetic): a non-empty step, and nothing
+        after a final-answer line."""
+        return bool(step.strip()) and not any(ANSWER_MARK in s for s in previous)
+
+    checked = None  # no whole-completion check without the answer: search needs value=answer
+
     def leaked(self, completion: str, level: int = 0) -> bool:
         lines = [ln for ln in completion.splitlines() if ln.strip()]
         return bool(lines) and ANSWER_MARK in lines[0]

@@ -44,6 +44,7 @@ def rows(out):
     dict(method="sft"),
     dict(method="rlsd", samples_per_prompt=4, prompts_per_step=4, rollouts=64),
     dict(method="srpo", samples_per_prompt=4, prompts_per_step=4, rollouts=64),
+    dict(method="vine", prompts_per_step=2, vine_points=2, vine_k=2, rollouts=40),  # 2 rollouts + 8 branches a step
 ])
 def test_each_method_runs_and_writes_a_run_folder(tiny_model, tmp_path, kw):
     out = tmp_path / "run"
@@ -60,6 +61,8 @@ def test_each_method_runs_and_writes_a_run_folder(tiny_model, tmp_path, kw):
     changed = any(not torch.equal(before[k], after[k]) for k in before)
     if kw["method"] in ("grpo", "rlsd"):  # no group with a reward difference means no gradient at all
         assert changed == any(r["reward/groups_with_signal"] > 0 for r in log[1:])
+    elif kw["method"] == "vine":  # no step changed the value: no token has an advantage
+        assert changed == any(r["vine/credited_tokens"] > 0 for r in log[1:])
     else:
         assert changed
 

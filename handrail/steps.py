@@ -1,0 +1,50 @@
+"""Steps: a completion as a sequence of actions bigger than a token.
+
+A step is the text up to and including a delimiter (a line break by default), so that branching
+rollouts (methods.Vine), step-level search (search.py) and step checks act on units a program can
+judge. On token ids a step ends after every token whose text contains the delimiter, and after a
+completion's last token; finding those ends is one table lookup per token, no Python loop.
+
+Whether a step is *valid* is the task's call (`step_valid`): the embedded tasks check the line's
+form and its arithmetic against the previous step and the prompt's operations
+(tasks.StepArithmeticTask.step_valid); data-file tasks check the form only (a non-empty step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_DELIMITER = "\n"
+_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def split_steps(text: str, delimiter: str = DEFAULT_DELIMITER) -> list[str]:
+    """The steps of `text`, each keeping its delimiter; the last may lack one. Empty text: none."""
+    parts = text.split(delimiter)
+    steps = [p + delimiter for p in parts[:-1]]
+    return steps + ([parts[-1]] if parts[-1] else [])
+
+
+def delimiter_table(tokenizer, delimiter: str = DEFAULT_DELIMITER) -> torch.Tensor:
+    """(V,) bool: tokens whose text contains `delimiter` (computed once per tokenizer)."""
+    key = (id(tokenizer), delimiter)
+    if key not in _TABLES:
+        V = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(V)])
+        _TABLES[key] = torch.tensor([delimiter in t for t in texts], dtype=torch.bool)
+    return _TABLES[key]
+
+
+def delimiter_ids(tokenizer, delimiter: str = DEFAULT_DELIMITER) -> list[int]:
+    return delimiter_table(tokenizer, delimiter).nonzero().flatten().tolist()
+
+
+def step_ends(completion_ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> list[list[int]]:
+    """For each row, the token positions (exclusive) where its steps end: after each delimiter
+    token and at the completion's length; sorted, without duplicates."""
+    is_end = table.to(completion_ids.device)[completion_ids] & (mask > 0)
+    lengths = mask.sum(1).long().tolist()
+    rows = [[] for _ in lengths]
+    for r, t in is_end.nonzero().tolist():
+        rows[r].append(t + 1)
+    return [sorted(set(e + ([n] if n else []))) for e, n in zip(rows, lengths)]
