@@ -1,9 +1,10 @@
 """Peak memory and time of the distillation loss at SmolLM2's vocabulary (49,152) and width
 (576), with 1,024-token completions: naive (one piece), chunked under activation checkpointing
 (each chunk recomputed in backward), and fused (the gradient p_S - q taken in forward, chunk by
-chunk; what training uses for a plain linear head).
+chunk; what training uses for a plain linear head), and fused with a top-k teacher (`--topk K`:
+the teacher's K most likely tokens plus a tail bucket, `teacher_topk` in training).
 
-    python benchmarks/loss_memory.py [--batch 2] [--tokens 1024] [--rule trust-region]
+    python benchmarks/loss_memory.py [--batch 2] [--tokens 1024] [--rule trust-region] [--topk 64]
 
 Each variant runs in a fresh subprocess; the figure is the growth of peak resident memory
 (ru_maxrss) during forward + backward of the loss, over what the inputs already hold.
@@ -17,7 +18,7 @@ import sys
 import time
 
 
-def child(mode: str, B: int, T: int, rule: str) -> dict:
+def child(mode: str, B: int, T: int, rule: str, topk: int = 0) -> dict:
     import torch
 
     from handrail.objectives import chunked_sum, distill_chunk, fused_distill_sum, naive_sum
@@ -31,14 +32,15 @@ def child(mode: str, B: int, T: int, rule: str) -> dict:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.time()
     refs = ((hidden_T, head_T), None)
-    if mode == "fused":
-        out = fused_distill_sum(make_rule(rule), hidden, head, mask, None, refs=refs, chunk_size=128)
+    if mode in ("fused", "fused-topk"):
+        out = fused_distill_sum(make_rule(rule), hidden, head, mask, None, refs=refs, chunk_size=128,
+                                topk=topk if mode == "fused-topk" else 0)
     else:
         summer = chunked_sum if mode == "chunked" else naive_sum
         out = summer(distill_chunk(make_rule(rule)), hidden, head, mask, None, chunk_size=128, refs=refs)
     out[0].backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"mode": mode, "extra_peak_MiB": round((peak - base) / 1024), "seconds": round(time.time() - t, 2),
+    return {"mode": mode + (f" (K={topk})" if mode == "fused-topk" else ""), "extra_peak_MiB": round((peak - base) / 1024), "seconds": round(time.time() - t, 2),
             "loss": round(out[0].item(), 3), "one_BxTxV_fp32_MiB": round(B * T * V * 4 / 2**20)}
 
 
@@ -48,15 +50,16 @@ def main():
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--rule", default="trust-region")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each variant, interleaved")
+    ap.add_argument("--topk", type=int, default=0, help="also run the fused loss with a top-k teacher of K tokens")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.batch, a.tokens, a.rule)))
+        print(json.dumps(child(a.child, a.batch, a.tokens, a.rule, a.topk)))
         return
     for _ in range(a.repeat):
-        for mode in ("naive", "chunked", "fused"):
+        for mode in ("naive", "chunked", "fused") + (("fused-topk",) if a.topk else ()):
             p = subprocess.run([sys.executable, __file__, "--child", mode, "--batch", str(a.batch), "--tokens",
-                                str(a.tokens), "--rule", a.rule], capture_output=True, text=True)
+                                str(a.tokens), "--rule", a.rule, "--topk", str(a.topk)], capture_output=True, text=True)
             print(p.stdout.strip() or p.stderr.strip().splitlines()[-1], flush=True)
 
 

@@ -140,7 +140,8 @@ def curve(run: Path, per_step: int) -> list[dict]:
     # that samples logs its own count (with vine's branches), SFT's examples are steps x per_step
     return [{"samples": max(r.get("rollouts", 0), r["step"] * per_step + r.get("bootstrap_rollouts", 0)),
              "seconds": r["seconds"],
-             "pass@1": r["eval/pass@1"], "leak_rate": r["eval/leak_rate"]} for r in rows if "eval/pass@1" in r]
+             "pass@1": r["eval/pass@1"], "leak_rate": r["eval/leak_rate"],
+             "tokens_per_solved": r.get("eval/tokens_per_solved")} for r in rows if "eval/pass@1" in r]
 
 
 def samples_to_reach(points: list[tuple[int, float]], target: float) -> int | None:
@@ -198,10 +199,16 @@ def _sweep(cfg: CompareConfig, out: Path, scenarios: list[str], specs: list[str]
     seeds, evaluated at the end), and keeps the value with the best mean validation pass@1 (the
     first one listed on a tie). Returns {(scenario, spec): {key: value}} and records all of it."""
     key, values = sweep_values(cfg.sweep)
-    held = {"eval_split": "validation", "eval_data": cfg.val_data, "eval_every": 0}
+
+    def held(spec, scenario):
+        """Validation problems, evaluated at the end only; a curriculum keeps its own checks."""
+        own = method_config(cfg, spec, 0, out, scenario)
+        return {"eval_split": "validation", "eval_data": cfg.val_data,
+                **({} if own.curriculum != "none" else {"eval_every": 0})}
+
     runs = {(scenario, spec, value, seed): method_config(
                 cfg, spec, 1000 + seed, out / "sweep" / scenario / f"{spec.replace(':', '-')}-{key}{value}-s{seed}",
-                scenario, {key: value, **held})
+                scenario, {key: value, **held(spec, scenario)})
             for scenario in scenarios for spec in specs for value in values for seed in range(cfg.sweep_seeds)}
     log(f"[compare] sweep: {len(runs)} validation runs ({key} in {', '.join(values)})")
     summaries = _train_all(cfg, runs, log)
@@ -326,15 +333,22 @@ def _seconds_at(runs: list, samples: int) -> float:
 
 
 def table(results: dict, ratio: dict) -> str:
-    lines = ["| method | pass@1 start | pass@1 end (mean ± sd) | best | leak end | seconds/run |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | pass@1 start | pass@1 end (mean ± sd) | best | leak end | tokens/solved start → end | seconds/run |",
+             "|---|---|---|---|---|---|---|"]
+
+    def tokens(runs, at):
+        vals = [run["curve"][at].get("tokens_per_solved") for run in runs]
+        vals = [v for v in vals if v is not None]
+        return f"{statistics.mean(vals):.1f}" if vals else "n/a"
+
     for spec, r in results.items():
         ends = [run["curve"][-1]["pass@1"] for run in r["runs"]]
         best = max(m for _, m, _ in r["mean"])
         leak = statistics.mean(run["curve"][-1]["leak_rate"] for run in r["runs"])
         secs = statistics.mean(run["seconds"] for run in r["runs"])
         lines.append(f"| {spec} | {r['mean'][0][1]:.1%} | {statistics.mean(ends):.1%} ± "
-                     f"{statistics.pstdev(ends):.1%} | {best:.1%} | {leak:.1%} | {secs:.0f} |")
+                     f"{statistics.pstdev(ends):.1%} | {best:.1%} | {leak:.1%} | "
+                     f"{tokens(r['runs'], 0)} → {tokens(r['runs'], -1)} | {secs:.0f} |")
     return "\n".join(lines) + f"\n\n{ratio['message']}\n"
 
 

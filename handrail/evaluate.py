@@ -85,17 +85,20 @@ def evaluate(model, tokenizer, templates: Templates, records: list[Record], *,
              max_new_tokens: int = 96, batch_size: int = 64, temperature: float = 1.0,
              seed: int = 0, progress=None) -> dict:
     """Greedy pass@1 (`accuracy`), mean pass@1 over `samples` draws at `temperature`
-    (`accuracy_sampled`), and the greedy leak rate. `samples=0` skips sampling."""
+    (`accuracy_sampled`), the greedy leak rate and greedy tokens per solved problem. `samples=0`
+    skips sampling."""
     was_training = model.training
     model.eval()
     t0, stops = time.time(), stop_ids(tokenizer)
     ids = prompt_ids(tokenizer, records, templates, hint)
-    greedy_ok = leaks = sampled_ok = tokens = 0
+    greedy_ok = leaks = sampled_ok = tokens = solved_tokens = 0
     for start in range(0, len(records), batch_size):
         recs, batch = records[start:start + batch_size], ids[start:start + batch_size]
         g = sample(model, tokenizer, batch, max_new_tokens=max_new_tokens, stop_ids=stops, temperature=0)
         tokens += g.n_tokens
-        greedy_ok += sum(is_correct(t, r, task) for t, r in zip(g.texts, recs))
+        ok = [is_correct(t, r, task) for t, r in zip(g.texts, recs)]
+        greedy_ok += sum(ok)
+        solved_tokens += sum(n for n, good in zip(g.completion_mask.sum(1).tolist(), ok) if good)
         leaks += sum(is_leak(t, r, task) for t, r in zip(g.texts, recs))
         for k in range(samples):
             s = sample(model, tokenizer, batch, max_new_tokens=max_new_tokens, stop_ids=stops,
@@ -110,6 +113,7 @@ def evaluate(model, tokenizer, templates: Templates, records: list[Record], *,
         "accuracy": greedy_ok / n,
         "accuracy_sampled": sampled_ok / (n * samples) if samples else None,
         "leak_rate": leaks / n,
+        "tokens_per_solved": solved_tokens / greedy_ok if greedy_ok else None,  # greedy, stop token included
         "n": n,
         "samples": samples,
         "hint": hint,

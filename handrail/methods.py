@@ -1,9 +1,9 @@
 """What makes one method differ from another: its per-token training signal.
 
-Every method gives the loop in train.py the same five things: whether it samples student
+Every method gives the loop in train.py the same four things: whether it samples student
 rollouts, how it `score`s them (no grad) into a small typed signal (DistillSignal, PolicySignal,
-HybridSignal; SFT needs none), the student's hidden states on the completion, the chunk `loss`
-it computes from that signal, and what to do `after_step`. Nothing else differs between methods — the loop, the
+HybridSignal; SFT needs none), the chunked `loss` it computes from that signal on the student's
+hidden states (run inside the policy's forward: `student_loss`), and what to do `after_step`. Nothing else differs between methods — the loop, the
 rollout accounting and the evaluation are shared.
 """
 
@@ -23,17 +23,18 @@ from handrail.objectives import (chunked_sum, clipped_pg_chunk, cross_entropy_ch
 from handrail.rollout import Guide, Rollout, given_rollout, left_pad, positions
 
 
-def completion_hidden(model, prompts: list[list[int]], rollout: Rollout, pad_id: int) -> torch.Tensor:
+def completion_hidden(model, prompts: list[list[int]], rollout: Rollout, pad_id: int, loss=None):
     """Hidden states (B, T, H) at the positions that predict each completion token, for the
     sequences [prompt, completion]. Prompts are left-padded so every completion starts at one
-    column, whatever the prompt's length."""
+    column, whatever the prompt's length. With `loss(head, hidden)`, the model's forward applies
+    it and returns what it returns (models.HiddenStates), so a wrapper (DDP, FSDP) sees the whole
+    loss computed inside one call of the module it wraps."""
     device = rollout.completion_ids.device
     ids_P, attn_P = left_pad(prompts, pad_id, device)
     ids = torch.cat([ids_P, rollout.completion_ids], dim=1)
     attn = torch.cat([attn_P, rollout.completion_mask.long()], dim=1)
-    hidden = model(ids, attn, positions(attn))
     P, T = ids_P.shape[1], rollout.completion_ids.shape[1]
-    return hidden[:, P - 1:P - 1 + T]
+    return model(ids, attn, positions(attn), span=(P - 1, T), loss=loss)
 
 
 # -- signals: what `score` hands to `loss`, one small type per kind of method ---------------------
@@ -90,7 +91,17 @@ class Method:
     privileged = False  # reads a teacher prompt with the reference (its records must fit with the hint)
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
+        from handrail import curriculum
+
         self.cfg, self.tokenizer, self.templates, self.task = cfg, tokenizer, templates, task
+        self.curriculum = curriculum.make(cfg)  # reward methods: the reward may change over the run
+
+    def reward(self, text: str, record, tokens: int) -> float:
+        """1 if the verifier accepts the completion, else 0; under a curriculum, what it says."""
+        correct = is_correct(text, record, self.task)
+        if self.curriculum is None:
+            return float(correct)
+        return self.curriculum.reward(correct, tokens, self.cfg.max_new_tokens)
 
     def given_rollout(self, records, device) -> Rollout:
         """Text already written, for training without sampling: by default the logged assistant
@@ -100,6 +111,12 @@ class Method:
 
     def student_hidden(self, policy, records, rollout):
         return completion_hidden(policy, rollout.prompt_ids, rollout, self.tokenizer.pad_token_id)
+
+    def student_loss(self, policy, records, rollout, signal):
+        """(loss sum, metrics): the student's forward and this method's `loss`, in one call of the
+        (possibly wrapped) policy module."""
+        return completion_hidden(policy, rollout.prompt_ids, rollout, self.tokenizer.pad_token_id,
+                                 loss=lambda head, hidden: self.loss(head, hidden, rollout, signal))
 
     def guide(self, records, lm_now):
         """A rollout.Guide for guided rollouts, or None to sample the student alone."""
@@ -112,10 +129,11 @@ class Method:
         return {}
 
     def state_dict(self) -> dict:
-        return {}
+        return {"curriculum": self.curriculum.state_dict()} if self.curriculum else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.curriculum and "curriculum" in state:
+            self.curriculum.load_state_dict(state["curriculum"])
 
 
 class SelfDistill(Method):
@@ -189,10 +207,11 @@ class SelfDistill(Method):
         if fusable(head):  # gradient taken in the forward pass: no chunk recomputed in backward
             loss, kl_sum, intervened, raw = fused_distill_sum(
                 self.rule, hidden, head, signal.mask, signal.use_T, refs=refs,
-                intervene_kl=self.cfg.intervene_kl, chunk_size=self.cfg.chunk_size)
+                intervene_kl=self.cfg.intervene_kl, chunk_size=self.cfg.chunk_size, topk=self.cfg.teacher_topk)
         else:
             loss, kl_sum, intervened, raw = chunked_sum(
-                distill_chunk(self.rule, self.cfg.intervene_kl), hidden, head, signal.mask, signal.use_T,
+                distill_chunk(self.rule, self.cfg.intervene_kl, self.cfg.teacher_topk), hidden, head,
+                signal.mask, signal.use_T,
                 chunk_size=self.cfg.chunk_size, refs=refs)
         return loss, {"teacher/kl": kl_sum, "teacher/intervened": intervened, "teacher/raw_kl": raw,
                       "teacher/gated": signal.gated}
@@ -204,9 +223,10 @@ class SelfDistill(Method):
                 t.lerp_(s.detach(), 1 - self.cfg.ema_decay)
 
     def state_dict(self):
-        return {"ema": self.teacher.state_dict()} if self.cfg.teacher == "ema" else {}
+        return {**super().state_dict(), **({"ema": self.teacher.state_dict()} if self.cfg.teacher == "ema" else {})}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         if "ema" in state:
             self.teacher.load_state_dict(state["ema"])
 
@@ -230,7 +250,8 @@ class GRPO(Method):
 
     @torch.no_grad()
     def score(self, records, rollout, lm_now, acc):
-        rewards = torch.tensor([float(is_correct(t, r, self.task)) for t, r in zip(rollout.texts, records)],
+        lengths = rollout.completion_mask.sum(1).tolist()
+        rewards = torch.tensor([self.reward(t, r, n) for t, r, n in zip(rollout.texts, records, lengths)],
                                device=rollout.completion_ids.device)
         every = acc.gather(rewards)  # groups may straddle processes
         groups = every.view(-1, self.cfg.samples_per_prompt)
@@ -354,13 +375,14 @@ class SRPO(Method):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
         self.grpo = GRPO(cfg, initial_lm, tokenizer, templates, task)
         self.distill = SelfDistill(cfg, initial_lm, tokenizer, templates, task)
+        self.grpo.curriculum, self.distill.curriculum = self.curriculum, None  # one curriculum, the reward's
 
     @torch.no_grad()
     def score(self, records, rollout, lm_now, acc):
         pg = self.grpo.score(records, rollout, lm_now, acc)
         sd = self.distill.score(records, rollout, lm_now, acc)
         per = len(records)
-        solved = pg.rewards[acc.process_index * per:(acc.process_index + 1) * per][:, None]
+        solved = (pg.rewards[acc.process_index * per:(acc.process_index + 1) * per][:, None] > 0).float()
         pg.weight = pg.weight * solved
         sd.mask = sd.mask * (1 - solved)
         return HybridSignal(pg, sd)
@@ -377,9 +399,10 @@ class SRPO(Method):
         self.distill.after_step(lm)
 
     def state_dict(self):
-        return self.distill.state_dict()
+        return {**super().state_dict(), **self.distill.state_dict()}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.distill.load_state_dict(state)
 
 
@@ -426,7 +449,8 @@ class Vine(GRPO):
 
         cfg, device = self.cfg, rollout.completion_ids.device
         B, T = rollout.completion_ids.shape
-        rewards = torch.tensor([float(is_correct(t, r, self.task)) for t, r in zip(rollout.texts, records)])
+        lengths = rollout.completion_mask.sum(1).tolist()
+        rewards = torch.tensor([self.reward(t, r, n) for t, r, n in zip(rollout.texts, records, lengths)])
         ends = step_ends(rollout.completion_ids, rollout.completion_mask, delimiter_table(self.tokenizer, cfg.step_delimiter))
         points = [branch_points(e, cfg.vine_points) for e in ends]
         ids = rollout.completion_ids.tolist()
@@ -445,7 +469,7 @@ class Vine(GRPO):
         for j, (i, p) in enumerate(owners):
             keep = [t for t, m in zip(cont[j], mask[j]) if m][:cfg.max_new_tokens - p]
             text = self.tokenizer.decode(ids[i][:p] + keep, skip_special_tokens=True)
-            values.setdefault((i, p), []).append(float(is_correct(text, records[i], self.task)))
+            values.setdefault((i, p), []).append(self.reward(text, records[i], p + len(keep)))
         adv = torch.stack([
             step_advantages([p for p in points[i]], [sum(values[(i, p)]) / cfg.vine_k for p in points[i]],
                             int(rollout.completion_mask[i].sum()), rewards[i].item(), T)

@@ -257,18 +257,24 @@ def save_model(model, tokenizer, folder: str | Path, templates: Templates,
 
 class HiddenStates(torch.nn.Module):
     """The policy as the training loop sees it: a causal LM whose forward returns final hidden
-    states, not logits. The loss applies the LM head chunk by chunk (objectives.chunked_sum), so
-    the full B×T×V logits never exist. Wrapping the whole LM keeps every parameter, the head
-    included, under one module for DDP/FSDP."""
+    states, not logits, or applies a method's loss to them. The loss applies the LM head chunk by
+    chunk (objectives.chunked_sum), so the full B×T×V logits never exist. Wrapping the whole LM,
+    and computing the loss inside its forward, keeps every parameter, the head included, under
+    one module call for DDP/FSDP."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, span=None, loss=None):
+        """Final hidden states, or the columns `span` = (start, length) of them; with `loss`,
+        `loss(head, hidden)` computed here, inside the module DDP/FSDP/peft wrap."""
         out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                     position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state
+        hidden = out.last_hidden_state
+        if span is not None:
+            hidden = hidden[:, span[0]:span[0] + span[1]]
+        return hidden if loss is None else loss(self.head, hidden)
 
     @property
     def head(self):

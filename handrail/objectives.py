@@ -57,12 +57,43 @@ def naive_sum(fn: Callable, hidden_B_T_H, lm_head, *per_token, refs: tuple[Ref, 
     return fn(lm_head(hidden_B_T_H).float(), *_ref_logits(refs, 0, hidden_B_T_H.shape[1]), *per_token)
 
 
+# -- a top-k teacher --------------------------------------------------------------------------------
+def topk_support(logp_T: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The teacher's K most likely tokens per position (what a served teacher sends), or None for
+    the full distribution (k = 0, or k >= V)."""
+    return None if not k or k >= logp_T.shape[-1] else logp_T.topk(k, dim=-1).indices
+
+
+def coarsen(logp: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """(..., V) log-probs -> (..., K + 1): the K tokens `idx`, then one tail bucket holding the
+    rest of the mass. Both sides of a KL coarsened this way stay normalised (no renormalisation
+    over K is needed), and the coarse KL is never above the full one (data processing)."""
+    if idx is None:
+        return logp
+    tail = logp.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([logp.gather(-1, idx), tail], dim=-1)
+
+
+def expand_target(logq_c: torch.Tensor, logp_S: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """The full-vocabulary q~ whose p_S - q~ is the gradient of KL(q_c || coarsen(p_S)) with
+    respect to the student's logits: q_c on the K tokens, and the tail bucket's mass spread over
+    the other tokens in proportion to the student's own probabilities there."""
+    if idx is None:
+        return logq_c.exp()
+    p_S = logp_S.exp()
+    rest = p_S.scatter(-1, idx, 0.0)
+    share = rest / rest.sum(-1, keepdim=True).clamp(min=1e-30)
+    return (share * logq_c[..., -1:].exp()).scatter(-1, idx, logq_c[..., :-1].exp())
+
+
 # -- chunk functions -----------------------------------------------------------------------------
-def distill_chunk(rule, intervene_kl: float = 0.01):
+def distill_chunk(rule, intervene_kl: float = 0.01, topk: int = 0):
     """KL(q || p_S) with q = rule(p_S, p_T, p_0) held constant, p_0 being the initial student
     (None: not computed). Where `use_T` is 0 (the teacher silenced, after_gate=anchor) p_0 stands
-    in for the teacher. Metrics: summed KL, positions where the teacher moved the student by more
-    than `intervene_kl` nats, and KL(p_T || p_S) (how much the teacher disagrees before aggregation)."""
+    in for the teacher. With `topk`, every distribution is first coarsened to the teacher's K
+    most likely tokens plus a tail bucket (`coarsen`). Metrics: summed KL, positions where the
+    teacher moved the student by more than `intervene_kl` nats, and KL(p_T || p_S) (how much the
+    teacher disagrees before aggregation)."""
 
     def fn(logits_S, logits_T, logits_0, mask, use_T):
         logp_S = F.log_softmax(logits_S, -1)
@@ -71,6 +102,10 @@ def distill_chunk(rule, intervene_kl: float = 0.01):
             logp_0 = None if logits_0 is None else F.log_softmax(logits_0, -1)
             if use_T is not None:
                 logp_T = torch.where(use_T[..., None] > 0, logp_T, logp_0)
+            idx = topk_support(logp_T, topk)
+            logp_T, logp_0 = coarsen(logp_T, idx), None if logp_0 is None else coarsen(logp_0, idx)
+        logp_S = coarsen(logp_S, idx)
+        with torch.no_grad():
             logq = rule(logp_S.detach(), logp_T, logp_0)
             raw = kl(logp_T, logp_S.detach())
         per_tok = kl(logq, logp_S)
@@ -90,7 +125,7 @@ class _FusedDistill(torch.autograd.Function):
     stored (B x T x H and the head's V x H)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, mask, use_T, refs, rule, intervene_kl, chunk_size):
+    def forward(ctx, hidden, weight, mask, use_T, refs, rule, intervene_kl, chunk_size, topk):
         grad_h = torch.zeros_like(hidden)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         totals = torch.zeros(4, dtype=torch.float32, device=hidden.device)
@@ -103,13 +138,15 @@ class _FusedDistill(torch.autograd.Function):
             logp_0 = None if logits_0 is None else F.log_softmax(logits_0, -1)
             if use_T is not None:
                 logp_T = torch.where(use_T[:, s:e, None] > 0, logp_T, logp_0)
-            logq = rule(logp_S, logp_T, logp_0)
+            idx = topk_support(logp_T, topk)
+            S_c, T_c = coarsen(logp_S, idx), coarsen(logp_T, idx)
+            logq = rule(S_c, T_c, None if logp_0 is None else coarsen(logp_0, idx))
             m = mask[:, s:e].float()
-            per_tok = kl(logq, logp_S)
+            per_tok = kl(logq, S_c)
             kl_sum = (per_tok * m).sum()  # the loss, and its value as a metric
             totals += torch.stack([kl_sum, kl_sum, ((per_tok > intervene_kl).float() * m).sum(),
-                                   (kl(logp_T, logp_S) * m).sum()])
-            g = (logp_S.exp() - logq.exp()) * m[..., None]  # d loss / d logits
+                                   (kl(T_c, S_c) * m).sum()])
+            g = (logp_S.exp() - expand_target(logq, logp_S, idx)) * m[..., None]  # d loss / d logits
             del logp_S, logp_T, logp_0, logq
             grad_h[:, s:e] = (g @ weight.float()).to(hidden.dtype)
             if grad_w is not None:
@@ -123,7 +160,7 @@ class _FusedDistill(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_totals[0]  # the metrics carry no gradient
         return (grad_h * scale, (grad_w * scale).to(ctx.w_dtype) if ctx.has_w else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def fusable(head) -> bool:
@@ -132,10 +169,10 @@ def fusable(head) -> bool:
 
 
 def fused_distill_sum(rule, hidden, head, mask, use_T=None, *, refs, intervene_kl: float = 0.01,
-                      chunk_size: int = 128) -> tuple[torch.Tensor, ...]:
-    """The same four sums as `chunked_sum(distill_chunk(rule, intervene_kl), ...)` and the same
-    gradients, at about the naive loss's time and the chunked loss's memory (_FusedDistill)."""
-    out = _FusedDistill.apply(hidden, head.weight, mask, use_T, refs, rule, intervene_kl, chunk_size)
+                      chunk_size: int = 128, topk: int = 0) -> tuple[torch.Tensor, ...]:
+    """The same four sums as `chunked_sum(distill_chunk(rule, intervene_kl, topk), ...)` and the
+    same gradients, at about the naive loss's time and the chunked loss's memory (_FusedDistill)."""
+    out = _FusedDistill.apply(hidden, head.weight, mask, use_T, refs, rule, intervene_kl, chunk_size, topk)
     return out[0], out[1].detach(), out[2].detach(), out[3].detach()
 
 

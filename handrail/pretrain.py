@@ -62,6 +62,7 @@ class PretrainConfig:
     direct_answer_hint: float = 0.5  # answer-first completions when the hint is the bare answer
     detour_frac: float = 0.6  # full-reference examples that leave the hint's path and continue from the slip (tasks only)
     misconception: float = 0.8  # the student's own solutions: share of affected steps done the wrong way (tasks only)
+    terse_own: float = 0.0  # the student's own solutions written two operations per line (tasks only): a shorter way the brevity curriculum can find
     misconception_levels: str = "3,4"  # levels whose student solutions carry it ("": all); fewer keep the teacher's arithmetic clean
     eval_n: int = 200  # held-out problems for the closing report
     threads: int = 2  # torch threads, pinned so that a machine builds the same model every time; 0 = all
@@ -74,6 +75,7 @@ class PretrainConfig:
         "n_layers": "[1, )", "n_heads": "[1, )", "n_problems": "[1, )", "plain_frac": "[0, 1]",
         "answer_hint_frac": "[0, 1]", "terse_hint_frac": "[0, 1]", "direct_plain": "[0, 1]",
         "direct_answer_hint": "[0, 1]", "detour_frac": "[0, 1]", "misconception": "[0, 1]", "eval_n": "[1, )",
+        "terse_own": "[0, 1]",
         "threads": "[0, )", "hard_frac": "[0, 1)",
     }
 
@@ -159,7 +161,9 @@ def build_examples(records: list[Record], cfg: PretrainConfig, tokenizer, rng: r
         plain_frac = 0.0 if rec.level in hinted_only or rec.source in hard else cfg.plain_frac
         if u < plain_frac:  # the student, writing its own solution
             rate = cfg.misconception if rec.level in bug_levels else 0.0
-            own = task.rewrite(rec.solution, "student", rng, rate) if task else rec.solution
+            # (terse_own 0 draws nothing, so the default recipe's random stream is unchanged)
+            style = "student-terse" if cfg.terse_own and rng.random() < cfg.terse_own else "student"
+            own = task.rewrite(rec.solution, style, rng, rate) if task else rec.solution
             prompt, completion, direct = student_prompt(tokenizer, rec, TINY_TEMPLATES), own, cfg.direct_plain
         elif u < plain_frac + (1 - plain_frac) * cfg.answer_hint_frac:  # the teacher, told only the answer
             prompt = teacher_prompt(tokenizer, rec, TINY_TEMPLATES, hint_for(rec, "answer"))

@@ -43,8 +43,9 @@ def default_base_model(rebuild: bool = False, quick: bool = False, log=print) ->
     # named by its recipe, so that a changed default builds a new base instead of reusing an old one
     # (keys that only read a data file are left out: the embedded base reads none)
     recipe = {k: v for k, v in asdict(PretrainConfig(**(QUICK if quick else {}))).items() if k != "out"}
-    digest = hashlib.sha256(json.dumps({k: v for k, v in recipe.items() if k not in ("fields", "verifier")},
-                                       sort_keys=True).encode()).hexdigest()[:8]
+    # (keys added later at a value that changes nothing are left out too, so the folder keeps its name)
+    same = {k: v for k, v in recipe.items() if k not in ("fields", "verifier") and not (k == "terse_own" and not v)}
+    digest = hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:8]
     folder = cache_dir() / f"base-{DEFAULT_TASK}-{digest}{'-quick' if quick else ''}"
     result_file = folder / "pretrain_result.json"
     if result_file.exists() and not rebuild:

@@ -213,15 +213,17 @@ class StepArithmeticTask:
     def rewrite(self, solution: str, style: str, rng: random.Random | None = None,
                 bug_rate: float = 0.0) -> str | None:
         """The same problem's solution in another `style`: `full` (one operation per line), `terse`
-        (two per line, the intermediate results between them skipped) or `student` (full, with the
-        misconception applied to each step it affects with probability `bug_rate`). None if
+        (two per line, the intermediate results between them skipped), `student` (full, with the
+        misconception applied to each step it affects with probability `bug_rate`) or
+        `student-terse` (the same, two operations per line). None if
         `solution` is not a worked solution."""
         parsed = _parse_steps(solution)
         if parsed is None:
             return None
         start, ops = parsed
-        lines, acc = _lines(start, ops, per_line=2 if style == "terse" else 1,
-                            bug=self.misconception if style == "student" else None, rng=rng, bug_rate=bug_rate)
+        lines, acc = _lines(start, ops, per_line=2 if style in ("terse", "student-terse") else 1,
+                            bug=self.misconception if style.startswith("student") else None, rng=rng,
+                            bug_rate=bug_rate)
         return "\n".join(lines + [f"{ANSWER_MARK} {acc}"])
 
     def detour(self, solution: str, rng: random.Random) -> tuple[str, str] | None:

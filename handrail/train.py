@@ -74,6 +74,7 @@ class TrainConfig:
     tau: float = 0.1  # considered: the initial student's probability above which the teacher may promote a token
     lam_max: float = 1.0  # trust-region rule: upper end of the lambda search
     support_top_p: float = 0.9  # support rule: the student's nucleus
+    teacher_topk: int = 0  # self-distill: 0 = the teacher's full distribution; K = its K most likely tokens plus a tail bucket (what a served teacher sends)
     intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
     gate: str = "divergence"  # none | divergence: silence the teacher after the student leaves its path | point: only where it leaves
     rollout: str = "student"  # student: g ~ pi(.|P_S) | guided: each token from A(p_S, p_T) | logged: the data's turns
@@ -99,6 +100,13 @@ class TrainConfig:
     vine_points: int = 2  # vine: branch points per rollout (its start and step ends)
     vine_k: int = 2  # vine: continuations per branch point; each counts as a rollout
     step_delimiter: str = "\n"  # what ends a step (vine, search): a line break by default
+    curriculum: str = "none"  # none | brevity: once validation accuracy stops rising, a slowly growing length pressure on correct completions (reward methods)
+    brevity_step: float = 0.05  # brevity: pressure added per validation check (at eval_every)
+    brevity_max: float = 0.5  # brevity: the most a correct completion's reward drops for using the whole max_new_tokens
+    brevity_margin: float = 0.02  # brevity: accuracy may fall this far below its best before the pressure backs off
+    brevity_patience: int = 1  # brevity: checks without a new best before shortening starts
+    curriculum_n: int = 100  # embedded tasks: validation problems the curriculum watches (never test problems)
+    curriculum_data: str | None = None  # data runs: the validation records the curriculum watches
     chunk_size: int = 128  # sequence positions per loss chunk
     level: int | None = None  # task difficulty to train and evaluate on (default: task's post level)
     train_n: int = 2000  # training problems drawn from the task
@@ -113,6 +121,7 @@ class TrainConfig:
     lora_targets: str = "all-linear"  # modules that get adapters: all-linear, or names such as q_proj,v_proj
     lora_merge: bool = False  # also save the base with the adapter merged in, as model-merged/
     mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate)
+    grad_checkpointing: bool = False  # recompute the student's layer activations in backward: less memory, more time
     log_with: str | None = None  # accelerate tracker: tensorboard | wandb | ... (metrics.jsonl always)
     threads: int = 0  # torch threads per process (0 = leave as is)
     max_nonfinite: int = 3  # a non-finite loss or gradient skips the step; this many in a row stop the run
@@ -127,6 +136,8 @@ class TrainConfig:
         "chunk_size": "[1, )", "level": "[1, )", "train_n": "[1, )", "eval_n": "[0, )", "eval_every": "[0, )",
         "eval_samples": "[0, )", "checkpoint_every": "[0, )", "threads": "[0, )", "max_nonfinite": "[1, )",
         "lora_r": "[0, )", "lora_alpha": "(0, )", "vine_points": "[1, )", "vine_k": "[1, )",
+        "brevity_step": "(0, 1]", "brevity_max": "[0, 1]", "brevity_margin": "[0, 1]", "brevity_patience": "[0, )",
+        "curriculum_n": "[1, )", "teacher_topk": "[0, )",
     }
     CHOICES = {
         "method": lambda: _registry("methods", "METHODS"), "rule": lambda: _registry("targets", "RULES"),
@@ -134,7 +145,7 @@ class TrainConfig:
         "rollout": ("student", "guided", "logged"), "bootstrap_rollout": ("student", "guided"),
         "grpo_loss": ("dapo", "grpo", "dr_grpo"), "hint": ("solution", "answer"), "reference": ("full", "terse", "answer"),
         "mixed_precision": ("no", "bf16", "fp16"), "truncate": ("error", "left"),
-        "eval_split": ("test", "validation"),
+        "eval_split": ("test", "validation"), "curriculum": ("none", "brevity"),
     }
 
     def validate(self):
@@ -167,6 +178,16 @@ class TrainConfig:
                              f"prompts_per_step x samples_per_prompt"
                              + (" x (1 + vine_points x vine_k)" if self.method == "vine" else "")
                              + f" = {self.rollouts_per_step} rollouts")
+        if self.curriculum != "none":
+            if self.method not in ("grpo", "rlsd", "srpo", "vine"):
+                raise ValueError(f"config key 'curriculum': {self.curriculum} shapes a reward; method {self.method} "
+                                 f"has none (use grpo, rlsd, srpo or vine)")
+            if not self.eval_every:
+                raise ValueError("config key 'eval_every': the curriculum checks validation accuracy every "
+                                 "eval_every steps, so it must be > 0")
+            if self.data and not self.curriculum_data:
+                raise ValueError("config key 'curriculum_data': with --data the curriculum needs validation "
+                                 "records of its own (never the test file)")
         if not self.step_delimiter:
             raise ValueError("config key 'step_delimiter': must not be empty")
         if self.reference == "terse" and self.data:
@@ -217,6 +238,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
     from handrail.methods import METHODS
 
+    from accelerate.state import AcceleratorState
+
+    # a second run in one process may ask for another precision; the process group itself is kept
+    AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
                       project_dir=cfg.out if cfg.log_with else None)
     if cfg.threads:
@@ -231,6 +256,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     restart = (out / "metrics.jsonl").exists() and ckpt is None
     ckpt = ckpt if resume else None
     task, train_recs, eval_recs = _records(cfg)
+    curriculum_recs = _curriculum_records(cfg, task)
     _resolve_logged(cfg, train_recs, log)
     check = task or FileTask(cfg.verifier)  # what verifies an answer and spots a leak
 
@@ -240,6 +266,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     hints = ("none", cfg.hint) if METHODS[cfg.method].privileged else ("none",)
     train_recs = fit_records(tokenizer, train_recs, templates, limit, cfg.truncate, hints)
     eval_recs = fit_records(tokenizer, eval_recs, templates, limit, cfg.truncate, ("none",))
+    curriculum_recs = fit_records(tokenizer, curriculum_recs, templates, limit, cfg.truncate, ("none",))
     meta = None
     if cfg.lora_r:  # adapters on the base; the base itself, adapter off, is the initial model
         lm = add_lora(initial, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
@@ -247,6 +274,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         meta = {"base_model": str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model}
     else:
         lm = copy.deepcopy(initial) if ckpt else initial
+    if cfg.grad_checkpointing:  # the student's forward for the loss; sampling uses the KV cache as before
+        enable = getattr(lm, "activation_checkpointing_enable", None)  # transformers >= 5.2 renamed it
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = HiddenStates(lm).train()
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
@@ -275,7 +308,16 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         res = evaluate(acc.unwrap_model(policy).lm, tokenizer, templates, eval_recs, task=check,
                        samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         return {"eval/pass@1": res["accuracy"], "eval/pass@1_sampled": res["accuracy_sampled"],
-                "eval/leak_rate": res["leak_rate"], "eval/n": res["n"]}
+                "eval/leak_rate": res["leak_rate"], "eval/tokens_per_solved": res["tokens_per_solved"],
+                "eval/n": res["n"]}
+
+    def curriculum_check():
+        """The curriculum's validation check; every process moves its copy the same way."""
+        res = evaluate(acc.unwrap_model(policy).lm, tokenizer, templates, curriculum_recs, task=check,
+                       samples=0, max_new_tokens=cfg.max_new_tokens)
+        method.curriculum.update(res["accuracy"])
+        return {"curriculum/val_pass@1": res["accuracy"], "curriculum/val_tokens_per_solved": res["tokens_per_solved"],
+                "curriculum/alpha": method.curriculum.alpha}
 
     if state.step == 0 and eval_recs:
         _log(acc, out, {"step": 0, "rollouts": 0, "tokens": 0, "seconds": 0.0, **evaluate_now()})
@@ -319,8 +361,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
         # 4. loss on completion tokens, normalised by the global token count
         n_tokens = acc.reduce(torch.tensor(float(rollout.n_tokens), device=acc.device), "sum").item()
-        hidden = method.student_hidden(policy, local, rollout)
-        loss_sum, metrics = method.loss(acc.unwrap_model(policy).head, hidden, rollout, signal)
+        loss_sum, metrics = method.student_loss(policy, local, rollout, signal)  # inside the wrapped forward
         acc.backward(loss_sum * acc.num_processes / max(n_tokens, 1.0))
         grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         finite = bool(torch.isfinite(loss_sum.detach()) and torch.isfinite(torch.as_tensor(grad_norm)))
@@ -351,6 +392,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         last = state.step == total_steps
         if eval_recs and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
             row.update(evaluate_now())
+        if method.curriculum and cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
+            row.update(curriculum_check())
         _log(acc, out, row)
         bar.update(1)
         bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
@@ -382,6 +425,15 @@ def _records(cfg: TrainConfig):
         train_recs = records_from_task(task.split("train", cfg.train_n, level, seed=cfg.seed))
         eval_recs = records_from_task(task.split(cfg.eval_split, cfg.eval_n, level)) if cfg.eval_n else []
     return task, [with_reference(r, cfg.reference, task) for r in train_recs], eval_recs
+
+
+def _curriculum_records(cfg: TrainConfig, task) -> list:
+    """What a curriculum watches: validation problems, never test ones."""
+    if cfg.curriculum == "none":
+        return []
+    if cfg.data:
+        return load_records(cfg.curriculum_data, cfg.fields)
+    return records_from_task(task.split("validation", cfg.curriculum_n, cfg.level or task.post_level))
 
 
 def with_reference(rec, reference: str, task):

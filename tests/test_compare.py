@@ -64,10 +64,12 @@ def test_compare_runs_each_scenario_and_records_what_reproduces_it(tiny_model, t
 
 def test_compare_sweeps_on_the_validation_split_and_runs_each_method_at_its_best(tiny_model, tmp_path):
     out = tmp_path / "cmp"
-    p = run("compare", "--model", tiny_model, "--methods", "sft,grpo", "--rollouts", "16", "--seeds", "1",
-            "--out", str(out), "samples_per_step=8", "eval_points=1", "sweep=lr=1e-5,3e-3",
-            "train=eval_n=8,max_new_tokens=24,level=2,train_n=64")
+    p = run("compare", "--model", tiny_model, "--methods", "sft,grpo,grpo+curriculum=brevity", "--rollouts", "16",
+            "--seeds", "1", "--out", str(out), "samples_per_step=8", "eval_points=1", "sweep=lr=1e-5,3e-3",
+            "train=eval_n=8,max_new_tokens=24,level=2,train_n=64,curriculum_n=8")
     sweep = json.loads((out / "results.json").read_text())["sweep"]["full"]
+    curriculum = json.loads((out / "sweep" / "full" / "grpo+curriculum=brevity-lr1e-5-s0" / "config.json").read_text())
+    assert curriculum["curriculum"] == "brevity" and curriculum["eval_every"] > 0  # its checks are kept
     for spec in ("sft", "grpo"):
         scores = sweep[spec]["validation_pass@1"]
         assert set(scores) == {"1e-5", "3e-3"} and sweep[spec]["key"] == "lr"
@@ -77,6 +79,15 @@ def test_compare_sweeps_on_the_validation_split_and_runs_each_method_at_its_best
         tried = json.loads((out / "sweep" / "full" / f"{spec}-lr3e-3-s0" / "config.json").read_text())
         assert tried["eval_split"] == "validation" and tried["seed"] != main_run["seed"]
     assert "chosen on the validation split: sft lr=" in p.stdout
+
+
+def test_compare_counts_vine_branches_as_samples(tiny_model, tmp_path):
+    out = tmp_path / "cmp"
+    run("compare", "--model", tiny_model, "--methods", "vine", "--rollouts", "40", "--seeds", "1", "--out", str(out),
+        "samples_per_step=8", "group_size=4", "eval_points=2", "train=eval_n=4,max_new_tokens=16,level=2,train_n=32")
+    curve = json.loads((out / "results.json").read_text())["scenarios"]["full"]["methods"]["vine"]["runs"][0]["curve"]
+    # 2 prompts a step, each with 1 + 2 x 2 rollouts: 10 a step, 4 steps, evaluated every 2
+    assert [pt["samples"] for pt in curve] == [0, 20, 40]
 
 
 def test_validation_problems_are_never_test_problems():

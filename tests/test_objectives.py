@@ -118,3 +118,39 @@ def test_grpo_loss_variants_average_as_their_papers_say():
     assert loop_loss("dapo") == pytest.approx(8 / 5)  # every token alike
     assert loop_loss("grpo") == pytest.approx((1 + 4) / 2)  # mean of the per-sequence means
     assert loop_loss("dr_grpo") == pytest.approx(8 / (2 * 8))  # sum / (sequences x max_new_tokens)
+
+
+@pytest.mark.parametrize("rule", ["none", "trust-region", "considered"])
+def test_topk_teacher_with_every_token_is_the_full_loss(rule):
+    """K = V: the tail bucket is empty and the coarse loss is the full one, value and gradient,
+    on the fused path (gradient from the expanded target) and the autograd one."""
+    from handrail.objectives import fused_distill_sum
+
+    head, head_T, hidden, hidden_T, mask, _ = setup(4)
+    hidden_0 = hidden + 0.3 * torch.randn(B, T, H, generator=torch.Generator().manual_seed(8))
+    kw = dict(refs=((hidden_T, head_T), (hidden_0, head)))
+    full = run(naive_sum, distill_chunk(make_rule(rule)), (head, hidden, mask, None), **kw)
+    for k in (V, V - 1):  # V - 1: one token in the tail alone, which is that token exactly
+        auto = run(naive_sum, distill_chunk(make_rule(rule), topk=k), (head, hidden, mask, None), **kw)
+        fused = run(lambda fn, h, hd, m, u, **kk: fused_distill_sum(make_rule(rule), h, hd, m, u, chunk_size=8,
+                                                                    topk=k, **kk), None, (head, hidden, mask, None), **kw)
+        for got in (auto, fused):
+            assert torch.allclose(got[0][0], full[0][0], rtol=1e-4, atol=1e-4)
+            assert torch.allclose(got[1], full[1], atol=1e-5) and torch.allclose(got[2], full[2], atol=1e-4)
+
+
+def test_topk_teacher_small_k():
+    """K < V: the coarse KL of plain distillation is below the full one (data processing), and the
+    fused gradient (p_S minus the expanded target) is the one autograd finds."""
+    from handrail.objectives import fused_distill_sum
+
+    head, head_T, hidden, hidden_T, mask, _ = setup(5)
+    kw = dict(refs=((hidden_T, head_T), None))
+    rule = make_rule("none")
+    full = run(naive_sum, distill_chunk(rule), (head, hidden, mask, None), **kw)
+    auto = run(naive_sum, distill_chunk(rule, topk=8), (head, hidden, mask, None), **kw)
+    fused = run(lambda fn, h, hd, m, u, **kk: fused_distill_sum(rule, h, hd, m, u, chunk_size=8, topk=8, **kk),
+                None, (head, hidden, mask, None), **kw)
+    assert 0 < auto[0][0] < full[0][0]
+    assert torch.allclose(fused[0][0], auto[0][0], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fused[1], auto[1], atol=1e-5) and torch.allclose(fused[2], auto[2], atol=1e-4)
