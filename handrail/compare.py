@@ -110,7 +110,7 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
 
     if method in GROUPED:
         kw.update(prompts_per_step=cfg.samples_per_step // cfg.group_size, samples_per_prompt=cfg.group_size)
-    if method == "vine":  # one rollout per prompt, and its branches fill the step's samples
+    if method in ("vine", "expert-iteration"):  # one rollout (or search) per prompt; branches fill the step
         kw.update(prompts_per_step=max(1, cfg.samples_per_step // cfg.group_size), samples_per_prompt=1)
     if rule:
         kw["rule"] = rule
@@ -129,8 +129,9 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
                                             **dict(item.split("=", 1) for item in own), **(chosen or {})})
     if built.rollouts_per_step != cfg.samples_per_step and "eval_every" not in (chosen or {}):
         # a method whose steps cost other than samples_per_step (vine's branches) is evaluated
-        # as often in samples, not in steps
-        built.eval_every = max(1, built.rollouts // built.rollouts_per_step // cfg.eval_points)
+        # as often in samples, not in steps; a search's cost is not known ahead: every step
+        steps = built.rollouts // built.rollouts_per_step
+        built.eval_every = 1 if method == "expert-iteration" else max(1, steps // cfg.eval_points)
     return built
 
 

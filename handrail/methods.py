@@ -103,7 +103,9 @@ class Method:
             return float(correct)
         return self.curriculum.reward(correct, tokens, self.cfg.max_new_tokens)
 
-    def given_rollout(self, records, device) -> Rollout:
+    spent: int | None = None  # rollouts the last step used, for methods whose cost varies (None: the loop's count)
+
+    def given_rollout(self, records, device, lm=None) -> Rollout:
         """Text already written, for training without sampling: by default the logged assistant
         turns of conversation records (rollout=logged)."""
         return given_rollout(self.tokenizer, prompt_ids(self.tokenizer, records, self.templates),
@@ -244,9 +246,10 @@ class GRPO(Method):
     - `dr_grpo`: summed, divided by sequences x max_new_tokens (a constant: no length bias);
       Dr. GRPO also turns `scale_rewards` off."""
 
-    def __init__(self, cfg, initial_lm, tokenizer, templates, task):
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task, frozen=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
-        self.reference = _frozen_copy(initial_lm) if cfg.kl_coef else None
+        # `frozen`: a frozen copy of the initial model another part of the method already holds
+        self.reference = (frozen or _frozen_copy(initial_lm)) if cfg.kl_coef else None
 
     @torch.no_grad()
     def score(self, records, rollout, lm_now, acc):
@@ -316,7 +319,7 @@ class SFT(Method):
 
     needs_rollouts = False
 
-    def given_rollout(self, records, device) -> Rollout:
+    def given_rollout(self, records, device, lm=None) -> Rollout:
         texts = [r.solution or f"#### {reference_answer(r)}" for r in records]
         return given_rollout(self.tokenizer, prompt_ids(self.tokenizer, records, self.templates), texts, device)
 
@@ -373,8 +376,10 @@ class SRPO(Method):
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
-        self.grpo = GRPO(cfg, initial_lm, tokenizer, templates, task)
         self.distill = SelfDistill(cfg, initial_lm, tokenizer, templates, task)
+        # GRPO's KL reference (kl_coef) is the initial model, which a frozen teacher already is
+        self.grpo = GRPO(cfg, initial_lm, tokenizer, templates, task,
+                         frozen=self.distill.teacher if cfg.teacher == "frozen" else None)
         self.grpo.curriculum, self.distill.curriculum = self.curriculum, None  # one curriculum, the reward's
 
     @torch.no_grad()
@@ -486,5 +491,59 @@ class Vine(GRPO):
         return {"reward/mean": r.mean().item(), "vine/credited_tokens": self._credited.item()}
 
 
-METHODS = {"self-distill": SelfDistill, "grpo": GRPO, "sft": SFT, "rlsd": RLSD, "srpo": SRPO, "vine": Vine}
+class ExpertIteration(Method):
+    """The AlphaZero loop with steps as moves (search.py): each prompt is searched with the current
+    policy (step-level pUCT, `search_simulations` per move, `search_candidates` per expansion),
+    and the policy is trained by cross-entropy towards each move's visit distribution over its
+    candidate steps (each step's tokens weighted by its share of the visits), plus the rest of a
+    completion that passed the check, if the search found one. Values: the task's program check
+    where there is one, else the reference answer (training data, so no oracle here). Every
+    sequence the search samples, candidate step or rollout, counts as one rollout in the budget,
+    which is conservative: a candidate step is a fraction of a completion."""
+
+    needs_rollouts = False  # it samples inside the search
+
+    def given_rollout(self, records, device, lm=None) -> Rollout:
+        from handrail.search import Problem, SearchConfig, Searcher
+
+        cfg = self.cfg
+        value = cfg.search_value or ("check" if getattr(self.task, "checked", None) else "answer")
+        searcher = Searcher(lm, self.tokenizer, self.templates, self.task, SearchConfig(
+            simulations=cfg.search_simulations, candidates=cfg.search_candidates, value=value,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, delimiter=cfg.step_delimiter))
+        with torch.no_grad():
+            problems = searcher.search([Problem(r, ids) for r, ids in
+                                        zip(records, prompt_ids(self.tokenizer, records, self.templates))])
+        self.spent = searcher.sequences
+        rows = []  # (prompt ids, completion ids, weight)
+        for p in problems:
+            for root, children in p.moves:
+                total = sum(v for _, v in children)
+                rows += [(p.prompt + root, tokens[len(root):], v / total) for tokens, v in children]
+            if p.solution_tokens is not None:  # found and checked: the rest of it, from where the moves stopped
+                rows.append((p.prompt + p.root.tokens, p.solution_tokens[len(p.root.tokens):], 1.0))
+        rows = [r for r in rows if r[1]] or [(problems[0].prompt, [self.tokenizer.pad_token_id], 0.0)]
+        T = max(len(c) for _, c, _ in rows)
+        ids = torch.full((len(rows), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), T)
+        for i, (_, c, w) in enumerate(rows):
+            ids[i, :len(c)], mask[i, :len(c)] = torch.tensor(c), 1.0 if w > 0 else 0.0
+        self._weights = torch.tensor([w for _, _, w in rows], device=device)[:, None]
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for _, c, _ in rows]
+        return Rollout([p for p, _, _ in rows], ids.to(device), mask.to(device), torch.zeros_like(mask, device=device), texts)
+
+    def score(self, records, rollout, lm_now, acc):
+        return self._weights
+
+    def loss(self, head, hidden, rollout, signal):
+        loss, nll = chunked_sum(cross_entropy_chunk, hidden, head, rollout.completion_ids,
+                                rollout.completion_mask * signal, chunk_size=self.cfg.chunk_size)
+        return loss, {"loss/nll": nll}
+
+    def step_metrics(self, signal):
+        return {"search/rows": int(signal.numel()), "search/sequences": self.spent}
+
+
+METHODS = {"self-distill": SelfDistill, "grpo": GRPO, "sft": SFT, "rlsd": RLSD, "srpo": SRPO, "vine": Vine,
+           "expert-iteration": ExpertIteration}
 GROUPED = ("grpo", "rlsd", "srpo")  # methods that compare completions within a prompt's group

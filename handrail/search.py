@@ -80,7 +80,9 @@ class Problem:
     prompt: list[int]
     root: Node = field(default_factory=lambda: Node([]))
     solution: str | None = None  # a completion that passed the value check (check mode)
+    solution_tokens: list[int] | None = None
     tokens: int = 0  # generated, all of them
+    moves: list = field(default_factory=list)  # (root's tokens, [(child's tokens, visits)]) for each move made
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Searcher:
                              "for data files use --value answer (an oracle at test time)")
         self.model, self.tok, self.templates, self.task, self.cfg = model, tokenizer, templates, task, cfg
         self.stops = stop_ids(tokenizer)
+        self.sequences = 0  # sampled sequences (candidate steps and rollouts): what training counts as rollouts
         self.step_stops = sorted(set(self.stops) | set(delimiter_ids(tokenizer, cfg.delimiter)))
 
     # -- pieces ------------------------------------------------------------------------------------
@@ -115,6 +118,7 @@ class Searcher:
         return float(is_correct(text, p.record, self.task))
 
     def _sample(self, prefixes: list[list[int]], budget: int, stops: list[int]):
+        self.sequences += len(prefixes)
         out = sample(self.model, self.tok, prefixes, max_new_tokens=max(1, budget), stop_ids=stops,
                      temperature=self.cfg.temperature)
         rows = []
@@ -181,7 +185,7 @@ class Searcher:
                 full = path[-1].tokens + ids
                 v = self.value_of(p, full)
                 if v > 0 and self.cfg.value == "check" and p.solution is None:
-                    p.solution = self.text(full)
+                    p.solution, p.solution_tokens = self.text(full), full
                 self._backup(path, v)
         for p, path in leaves:
             leaf = path[-1]
@@ -189,7 +193,7 @@ class Searcher:
                 if leaf.value is None:
                     leaf.value = self.value_of(p, leaf.tokens)
                 if leaf.value > 0 and self.cfg.value == "check" and p.solution is None:
-                    p.solution = self.text(leaf.tokens)
+                    p.solution, p.solution_tokens = self.text(leaf.tokens), leaf.tokens
                 self._backup(path, leaf.value)
 
     @staticmethod
@@ -199,24 +203,29 @@ class Searcher:
             node.value_sum += v
 
     # -- the whole search ----------------------------------------------------------------------------
+    def search(self, problems: list[Problem]) -> list[Problem]:
+        """Search every problem to its end, in lockstep, recording each move's visit counts."""
+        active = list(problems)
+        while active:
+            for _ in range(self.cfg.simulations):
+                self.simulate([p for p in active if p.solution is None])
+                if all(p.solution is not None for p in active):
+                    break
+            nxt = []
+            for p in active:  # a move: the most visited child becomes the root
+                if p.solution is None and p.root.children:
+                    p.moves.append((p.root.tokens, [(c.tokens, c.visits) for c in p.root.children if c.visits]))
+                    p.root = max(p.root.children, key=lambda c: c.visits)
+                    if not p.root.terminal:
+                        nxt.append(p)
+            active = nxt
+        return problems
+
     def run(self, records: list[Record], progress=None) -> list[dict]:
         out = []
         for start in range(0, len(records), self.cfg.batch_size):
             recs = records[start:start + self.cfg.batch_size]
-            problems = [Problem(r, ids) for r, ids in zip(recs, prompt_ids(self.tok, recs, self.templates))]
-            active = list(problems)
-            while active:
-                for _ in range(self.cfg.simulations):
-                    self.simulate([p for p in active if p.solution is None])
-                    if all(p.solution is not None for p in active):
-                        break
-                nxt = []
-                for p in active:  # a move: the most visited child becomes the root
-                    if p.solution is None and p.root.children:
-                        p.root = max(p.root.children, key=lambda c: c.visits)
-                        if not p.root.terminal:
-                            nxt.append(p)
-                active = nxt
+            problems = self.search([Problem(r, ids) for r, ids in zip(recs, prompt_ids(self.tok, recs, self.templates))])
             for p in problems:
                 text = p.solution if p.solution is not None else self.text(p.root.tokens)
                 out.append(_result(p.record, text, p.tokens, self.task))

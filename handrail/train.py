@@ -63,7 +63,7 @@ class TrainConfig:
     eval_data: str | None = None  # held-out records for `data` runs (default: none)
     fields: str | None = None  # data: other field names, "prompt=question,solution=answer" (common layouts need none)
     verifier: str = "exact"  # data: how answers are checked: exact | math (math-verify) | module:function
-    method: str = "self-distill"  # self-distill | grpo | sft | rlsd (grpo, the teacher sizing each token) | srpo (solved rollouts to grpo, failed to self-distill) | vine (grpo with Monte Carlo step values)
+    method: str = "self-distill"  # self-distill | grpo | sft | rlsd (grpo, the teacher sizing each token) | srpo (solved rollouts to grpo, failed to self-distill) | vine (grpo with Monte Carlo step values) | expert-iteration (step-level search, its visit counts distilled)
     rule: str = "trust-region"  # aggregation (targets.py): trust-region | geometric | support | none | considered | anchored
     teacher: str = "frozen"  # frozen (initial weights) | live (current, no grad) | ema
     ema_decay: float = 0.95  # for teacher=ema
@@ -100,6 +100,9 @@ class TrainConfig:
     vine_points: int = 2  # vine: branch points per rollout (its start and step ends)
     vine_k: int = 2  # vine: continuations per branch point; each counts as a rollout
     step_delimiter: str = "\n"  # what ends a step (vine, search): a line break by default
+    search_simulations: int = 2  # expert-iteration: pUCT simulations per move
+    search_candidates: int = 4  # expert-iteration: next steps sampled per expansion
+    search_value: str = ""  # expert-iteration: check (the task's program check) | answer (the reference) | "" (check where the task has one)
     curriculum: str = "none"  # none | brevity: once validation accuracy stops rising, a slowly growing length pressure on correct completions (reward methods)
     brevity_step: float = 0.05  # brevity: pressure added per validation check (at eval_every)
     brevity_max: float = 0.5  # brevity: the most a correct completion's reward drops for using the whole max_new_tokens
@@ -135,7 +138,7 @@ class TrainConfig:
         "lr": "(0, )", "weight_decay": "[0, )", "grad_clip": "(0, )", "clip_eps": "(0, )", "teacher_weight_clip": "[0, 1]", "kl_coef": "[0, )",
         "chunk_size": "[1, )", "level": "[1, )", "train_n": "[1, )", "eval_n": "[0, )", "eval_every": "[0, )",
         "eval_samples": "[0, )", "checkpoint_every": "[0, )", "threads": "[0, )", "max_nonfinite": "[1, )",
-        "lora_r": "[0, )", "lora_alpha": "(0, )", "vine_points": "[1, )", "vine_k": "[1, )",
+        "lora_r": "[0, )", "lora_alpha": "(0, )", "vine_points": "[1, )", "vine_k": "[1, )", "search_simulations": "[1, )", "search_candidates": "[1, )",
         "brevity_step": "(0, 1]", "brevity_max": "[0, 1]", "brevity_margin": "[0, 1]", "brevity_patience": "[0, )",
         "curriculum_n": "[1, )", "teacher_topk": "[0, )",
     }
@@ -145,7 +148,7 @@ class TrainConfig:
         "rollout": ("student", "guided", "logged"), "bootstrap_rollout": ("student", "guided"),
         "grpo_loss": ("dapo", "grpo", "dr_grpo"), "hint": ("solution", "answer"), "reference": ("full", "terse", "answer"),
         "mixed_precision": ("no", "bf16", "fp16"), "truncate": ("error", "left"),
-        "eval_split": ("test", "validation"), "curriculum": ("none", "brevity"),
+        "eval_split": ("test", "validation"), "curriculum": ("none", "brevity"), "search_value": ("", "check", "answer"),
     }
 
     def validate(self):
@@ -188,6 +191,9 @@ class TrainConfig:
             if self.data and not self.curriculum_data:
                 raise ValueError("config key 'curriculum_data': with --data the curriculum needs validation "
                                  "records of its own (never the test file)")
+        if self.method == "expert-iteration" and self.search_value == "check" and self.data:
+            raise ValueError("config key 'search_value': check needs a task with a program check (the embedded "
+                             "tasks); with --data use answer")
         if not self.step_delimiter:
             raise ValueError("config key 'step_delimiter': must not be empty")
         if self.reference == "terse" and self.data:
@@ -323,7 +329,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         _log(acc, out, {"step": 0, "rollouts": 0, "tokens": 0, "seconds": 0.0, **evaluate_now()})
 
     # 0. answer-only records: sample worked solutions first and keep those that verify (bootstrap.py)
-    answer_only = [] if cfg.method == "grpo" else needs_bootstrap(train_recs)  # grpo needs no solutions
+    answer_only = [] if cfg.method in ("grpo", "vine", "expert-iteration") else needs_bootstrap(train_recs)  # these need no solutions
     if answer_only and cfg.bootstrap_k:
         train_recs = _bootstrap_stage(cfg, acc, out, state, acc.unwrap_model(policy).lm, tokenizer, templates,
                                       train_recs, check, log)
@@ -336,7 +342,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     total_steps = (cfg.rollouts - state.bootstrap_rollouts) // cfg.rollouts_per_step
     bar = progress(total_steps, f"train {cfg.method}", "step", show=acc.is_main_process, initial=state.step)
 
-    while state.step < total_steps:
+    while state.step < total_steps and not (state.step and state.rollouts >= cfg.rollouts):
         t0 = time.time()
         # 1. sample prompts: one global draw (same on every process); this process takes its rows
         rng = random.Random(f"{cfg.seed}/{state.step}")
@@ -353,7 +359,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                              seed=cfg.seed * 100_003 + state.step, row_offset=rows.start,
                              global_rows=len(batch), guide=method.guide(local, lm_now))
         else:
-            rollout = method.given_rollout(local, acc.device)
+            rollout = method.given_rollout(local, acc.device, lm_now)
         lm_now.train()
 
         # 3. score: the per-token signal, with no gradient
@@ -379,7 +385,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
         # 5. log, evaluate, checkpoint
         state.step += 1
-        state.rollouts += cfg.rollouts_per_step if sampling else 0
+        if method.spent is not None:  # a method whose cost varies (expert iteration's search) counts its own
+            state.rollouts += int(acc.reduce(torch.tensor(float(method.spent), device=acc.device), "sum").item())
+        else:
+            state.rollouts += cfg.rollouts_per_step if sampling else 0
         state.tokens += int(n_tokens)
         sums = acc.reduce(torch.stack([loss_sum.detach()] + [m.detach().float() for m in metrics.values()]), "sum")
         state.seconds += time.time() - t0
@@ -389,7 +398,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                "nonfinite_steps": state.nonfinite_steps,
                **{k: v.item() / max(n_tokens, 1.0) for k, v in zip(metrics, sums[1:])},
                **method.step_metrics(signal)}
-        last = state.step == total_steps
+        last = state.step == total_steps or state.rollouts >= cfg.rollouts  # (the latter: a varying cost's budget spent)
         if eval_recs and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
             row.update(evaluate_now())
         if method.curriculum and cfg.eval_every and state.step % cfg.eval_every == 0 and not last:

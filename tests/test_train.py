@@ -346,3 +346,35 @@ def test_checkpointing_and_bf16_stay_close_to_fp32(tiny_model, tmp_path, kw, tol
     assert b["loss/grad_norm"] == pytest.approx(a["loss/grad_norm"], rel=max(tol, 0.1 if tol > 1e-3 else tol))
     if kw.get("mixed_precision") == "bf16":  # it did run in bf16: not bit-equal to fp32
         assert b["loss/total"] != a["loss/total"]
+
+
+def test_srpo_keeps_one_frozen_copy(tiny_model):
+    """With a KL reference and a frozen teacher, both are the same initial model: one copy."""
+    from handrail.methods import SRPO
+    from handrail.models import load_model
+    from handrail.tasks import get_task
+
+    lm, tok, templates = load_model(tiny_model)
+    srpo = SRPO(cfg(tiny_model, "unused", method="srpo", samples_per_prompt=4, prompts_per_step=1, kl_coef=0.05),
+                lm, tok, templates, get_task("chain"))
+    assert srpo.grpo.reference is srpo.distill.teacher and srpo.grpo.reference is not lm
+
+
+def test_expert_iteration_counts_every_searched_sequence(tiny_model, tmp_path):
+    """The search's samples are the budget: the run stops at the first step that spends it, and
+    the policy learns from the visit counts (its weights move)."""
+    from handrail.tasks import get_task
+
+    data = tmp_path / "d.jsonl"  # a data file: steps are checked for form only, so the tiny model has some
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "solution": p.solution}) + "\n"
+                            for p in get_task("chain").split("train", 32, level=2)))
+    out = tmp_path / "r"
+    train(cfg(tiny_model, out, data=str(data), method="expert-iteration", prompts_per_step=2, search_simulations=2,
+              search_candidates=2, rollouts=60, eval_every=0, eval_n=0, checkpoint_every=0), log=lambda *_: None)
+    log = rows(out)
+    assert all(r["search/sequences"] > 0 for r in log)
+    assert log[-1]["rollouts"] >= 60 and (len(log) == 1 or log[-2]["rollouts"] < 60)
+    assert [r["rollouts"] for r in log] == sorted({r["rollouts"] for r in log})  # strictly growing
+    assert any(r["search/rows"] > 1 for r in log)
+    before, after = weights(tiny_model), weights(out / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
