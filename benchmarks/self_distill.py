@@ -65,7 +65,7 @@ def main():
             print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"args": vars(a), "base": base, "runs": results}, indent=2))
-    print(f"\n| rule | pass@1 before | pass@1 after | leak before | leak after | KL(q‖p_S)/tok | KL(p_T‖p_S)/tok | intervened | s/run |")
+    print("\n| rule | pass@1 before | pass@1 after | leak before | leak after | KL(q‖p_S)/tok | KL(p_T‖p_S)/tok | intervened | s/run |")
     print("|---|---|---|---|---|---|---|---|---|")
     for rule in a.rules.split(","):
         rs = [r for r in results if r["rule"] == rule]

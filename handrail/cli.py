@@ -103,6 +103,9 @@ def cmd_search(a) -> int:
         raise C.ConfigError(str(e).replace("config key 'verifier'", "--verifier")
                             .replace("config key 'fields'", "--fields")) from None
     value = a.value or ("answer" if a.data else "check")
+    if value == "check" and getattr(task, "checked", None) is None:
+        raise C.ConfigError("--value: check needs a task with a program check (the embedded tasks); "
+                            "for data files use --value answer (an oracle at test time)")
     cfg = SearchConfig(simulations=a.simulations, candidates=a.candidates, c_puct=a.c_puct, value=value,
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                        delimiter=a.delimiter.encode().decode("unicode_escape"), batch_size=a.batch_size)
