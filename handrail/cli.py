@@ -53,21 +53,26 @@ def cmd_pretrain(a) -> int:
     return 0
 
 
+def _problems(a):
+    """(task, records) for eval and search, with errors naming their flags, not config keys."""
+    from handrail.run import eval_records
+
+    try:
+        return eval_records(a.task, a.data, a.level, a.n, a.fields, a.verifier)
+    except ValueError as e:
+        raise C.ConfigError(str(e).replace("config key 'verifier'", "--verifier")
+                            .replace("config key 'fields'", "--fields")) from None
+
+
 def cmd_eval(a) -> int:
     from handrail.evaluate import evaluate, fit_records, prompt_limit
     from handrail.models import load_model
-    from handrail.run import eval_records
-
     if a.temperature < 0:
         raise C.ConfigError(f"--temperature: {a.temperature} is out of range (>= 0)")
     if a.overrides or a.config:  # eval has flags only: refuse what it would otherwise ignore
         raise C.ConfigError(f"{a.overrides[0] if a.overrides else '--config'}: eval takes flags only "
                             f"(see handrail eval --help), not config keys")
-    try:
-        task, records = eval_records(a.task, a.data, a.level, a.n, a.fields, a.verifier)
-    except ValueError as e:  # name the flag, not the config key
-        raise C.ConfigError(str(e).replace("config key 'verifier'", "--verifier")
-                            .replace("config key 'fields'", "--fields")) from None
+    task, records = _problems(a)
     model, tokenizer, templates = load_model(a.model, templates=a.templates)
     records = fit_records(tokenizer, records, templates, prompt_limit(model, a.max_new_tokens), a.truncate, (a.hint,))
     res = evaluate(model, tokenizer, templates, records, task=task, hint=a.hint, samples=a.samples,
@@ -86,7 +91,7 @@ def cmd_eval(a) -> int:
 def cmd_search(a) -> int:
     from handrail.evaluate import fit_records, prompt_limit
     from handrail.models import load_model
-    from handrail.run import eval_records, progress
+    from handrail.run import progress
     from handrail.search import SearchConfig, search
 
     if a.overrides or a.config:
@@ -97,11 +102,7 @@ def cmd_search(a) -> int:
             raise C.ConfigError(f"{flag}: {value} is out of range ({'> 0' if flag == '--temperature' else '>= 0'})")
     if not a.delimiter:
         raise C.ConfigError("--delimiter: must not be empty")
-    try:
-        task, records = eval_records(a.task, a.data, a.level, a.n, a.fields, a.verifier)
-    except ValueError as e:
-        raise C.ConfigError(str(e).replace("config key 'verifier'", "--verifier")
-                            .replace("config key 'fields'", "--fields")) from None
+    task, records = _problems(a)
     value = a.value or ("answer" if a.data else "check")
     if value == "check" and getattr(task, "checked", None) is None:
         raise C.ConfigError("--value: check needs a task with a program check (the embedded tasks); "
