@@ -475,9 +475,10 @@ class Vine(GRPO):
             keep = [t for t, m in zip(cont[j], mask[j]) if m][:cfg.max_new_tokens - p]
             text = self.tokenizer.decode(ids[i][:p] + keep, skip_special_tokens=True)
             values.setdefault((i, p), []).append(self.reward(text, records[i], p + len(keep)))
+        mean = {key: sum(v) / len(v) for key, v in values.items()}  # a repeated point pools its continuations
         adv = torch.stack([
-            step_advantages([p for p in points[i]], [sum(values[(i, p)]) / cfg.vine_k for p in points[i]],
-                            int(rollout.completion_mask[i].sum()), rewards[i].item(), T)
+            step_advantages(points[i], [mean[i, p] for p in points[i]], int(rollout.completion_mask[i].sum()),
+                            rewards[i].item(), T)
             for i in range(B)]).to(device) * rollout.completion_mask
         weight = pg_token_weights(rollout.completion_mask, cfg.grpo_loss, acc.reduce(rollout.completion_mask.sum(), "sum"),
                                   B * acc.num_processes, cfg.max_new_tokens)

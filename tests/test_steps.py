@@ -78,3 +78,35 @@ def test_step_advantages_by_hand():
     # a repeated point is one value, the mean of its estimates
     adv = step_advantages([0, 0, 5], [1.0, 0.0, 1.0], length=6, reward=1.0, T=6)
     assert adv.tolist() == [0.5] * 5 + [0.0]
+
+
+def test_vine_values_are_means_of_their_continuations(tiny_model, monkeypatch):
+    """Every continuation solves the problem (a stand-in sampler): each branch point's value is 1,
+    so a failed one-line rollout, branched only at its start (twice), gets advantage exactly -1
+    on its tokens, and a solved multi-line one gets 0 everywhere."""
+    from accelerate import Accelerator
+
+    import handrail.rollout as R
+    from handrail.data import records_from_task
+    from handrail.evaluate import prompt_ids
+    from handrail.methods import Vine
+    from handrail.models import load_model
+    from handrail.rollout import given_rollout
+    from handrail.train import TrainConfig
+
+    lm, tok, templates = load_model(tiny_model)
+    task = get_task("chain")
+    rec = records_from_task(task.split("train", 1, level=2))[0]
+
+    def solve(model, tokenizer, prefixes, **kw):  # continuations that finish the reference solution
+        return given_rollout(tokenizer, prefixes, [rec.solution] * len(prefixes))
+
+    monkeypatch.setattr(R, "sample", solve)
+    cfg = TrainConfig(model=tiny_model, method="vine", vine_points=3, vine_k=2, max_new_tokens=64)
+    vine = Vine(cfg, lm, tok, templates, task)
+    recs = [rec, rec]
+    rollout = given_rollout(tok, prompt_ids(tok, recs, templates), ["#### 0", rec.solution])
+    signal = vine.score(recs, rollout, lm, Accelerator(cpu=True))
+    m = rollout.completion_mask > 0
+    assert torch.equal(signal.adv[0][m[0]], torch.full((int(m[0].sum()),), -1.0))
+    assert signal.adv[1].abs().sum() == 0
