@@ -456,7 +456,8 @@ class Vine(GRPO):
         B, T = rollout.completion_ids.shape
         lengths = rollout.completion_mask.sum(1).tolist()
         rewards = torch.tensor([self.reward(t, r, n) for t, r, n in zip(rollout.texts, records, lengths)])
-        ends = step_ends(rollout.completion_ids, rollout.completion_mask, delimiter_table(self.tokenizer, cfg.step_delimiter))
+        ends = rollout.step_ends or step_ends(rollout.completion_ids, rollout.completion_mask,
+                                              delimiter_table(self.tokenizer, cfg.step_delimiter))
         points = [branch_points(e, cfg.vine_points) for e in ends]
         ids = rollout.completion_ids.tolist()
         prefixes, owners = [], []

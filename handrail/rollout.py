@@ -23,6 +23,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, T) 1.0 on sampled tokens, 0.0 on padding
     logprobs: torch.Tensor  # (B, T) log-prob of each sampled token under the sampling distribution
     texts: list[str]  # decoded completions, special tokens dropped
+    step_ends: list[list[int]] | None = None  # token positions (exclusive) where each row's steps end (steps.py)
 
     @property
     def n_tokens(self) -> int:

@@ -41,6 +41,7 @@ from handrail.evaluate import evaluate, fit_records, prompt_ids, prompt_limit
 from handrail.models import (AdapterOff, HiddenStates, add_lora, first_line, load_model, nonfinite_weight,
                              save_model, stop_ids)
 from handrail.rollout import sample
+from handrail.steps import delimiter_table, step_ends
 from handrail.tasks import DEFAULT_TASK, get_task
 from handrail.verifiers import FileTask
 from handrail.run import progress
@@ -307,6 +308,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     stops = stop_ids(tokenizer)
     rows = _slice(cfg.prompts_per_step * cfg.samples_per_prompt, acc.process_index, acc.num_processes)
     sampling = method.needs_rollouts and cfg.rollout != "logged"
+    delimiters = delimiter_table(tokenizer, cfg.step_delimiter)  # to record where each rollout's steps end
 
     def evaluate_now():
         if not acc.is_main_process:
@@ -361,6 +363,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         else:
             rollout = method.given_rollout(local, acc.device, lm_now)
         lm_now.train()
+        rollout.step_ends = step_ends(rollout.completion_ids, rollout.completion_mask, delimiters)
 
         # 3. score: the per-token signal, with no gradient
         signal = method.score(local, rollout, lm_now, acc)
@@ -396,6 +399,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                "tokens": state.tokens, "seconds": round(state.seconds, 2), "time/step_s": round(time.time() - t0, 3),
                "loss/total": sums[0].item() / max(n_tokens, 1.0), "loss/grad_norm": float(grad_norm),
                "nonfinite_steps": state.nonfinite_steps,
+               "rollout/steps": sum(map(len, rollout.step_ends)) / max(1, len(rollout.step_ends)),
                **{k: v.item() / max(n_tokens, 1.0) for k, v in zip(metrics, sums[1:])},
                **method.step_metrics(signal)}
         last = state.step == total_steps or state.rollouts >= cfg.rollouts  # (the latter: a varying cost's budget spent)

@@ -52,6 +52,7 @@ def test_each_method_runs_and_writes_a_run_folder(tiny_model, tmp_path, kw):
     log = rows(out)
     assert [r["step"] for r in log] == list(range(5))
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in log[1:])
+    assert all(r["rollout/steps"] >= 1 for r in log[1:])  # step ends recorded on every rollout
     assert "eval/pass@1" in log[0] and "eval/pass@1" in log[-1]
     assert log[-1]["rollouts"] == (0 if kw["method"] == "sft" else kw.get("rollouts", 32))
     assert json.load(open(out / "config.json"))["method"] == kw["method"]
