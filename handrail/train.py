@@ -249,7 +249,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
     # a second run in one process may ask for another precision; the process group itself is kept
     AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
+    # several processes (torchrun) on a machine without CUDA: accelerate sets up gloo only when told
+    # it runs on the CPU; otherwise each process would train alone
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
                       project_dir=cfg.out if cfg.log_with else None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -422,7 +425,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             save_model(acc.unwrap_model(policy).lm.merge_and_unload(), tokenizer, out / "model-merged", templates)
     acc.wait_for_everyone()
     acc.end_training()
-    summary = {"model": str(final), **asdict(state)}
+    summary = {"model": str(final), "processes": acc.num_processes, **asdict(state)}
     log(f"saved {final} after {state.step} steps, {state.rollouts} rollouts, {state.seconds:.0f}s")
     return summary
 

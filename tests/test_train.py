@@ -260,11 +260,11 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-m", "handrail.cli", "train", "--out", str(tmp_path / "one"), *common],
                    check=True, capture_output=True, env=env)
-    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "-m", "handrail.cli", "train", "--out", str(tmp_path / "two"), *common],
                        capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count('"processes": 2') == 2  # two processes, one gloo group (not two lone runs)
     a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max((a[k] - b[k]).abs().max() for k in a)
     ra, rb = rows(tmp_path / "one"), rows(tmp_path / "two")
