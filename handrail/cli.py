@@ -102,6 +102,9 @@ def cmd_search(a) -> int:
             raise C.ConfigError(f"{flag}: {value} is out of range ({'> 0' if flag == '--temperature' else '>= 0'})")
     if not a.delimiter:
         raise C.ConfigError("--delimiter: must not be empty")
+    if a.out and (os.path.isdir(a.out) or not os.path.isdir(os.path.dirname(os.path.abspath(a.out)))):
+        raise C.ConfigError(f"--out: {a.out} is a folder, or its folder does not exist; give a file path "
+                            f"(checked before searching, so no work is lost)")
     task, records = _problems(a)
     value = a.value or ("answer" if a.data else "check")
     if value == "check" and getattr(task, "checked", None) is None:
@@ -294,7 +297,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="post-train a model (self-distill, grpo or sft)")
     _common(p, model=False)
     p.add_argument("--model", help="HF folder or hub id, a .gguf file, or 'smollm2'")
-    p.add_argument("--method", help="self-distill (default) | grpo | sft")
+    p.add_argument("--method", help="self-distill (default) | grpo | sft | rlsd | srpo | vine | expert-iteration")
     p.add_argument("--rule", help="aggregation rule: trust-region (default) | geometric | support | none")
     p.add_argument("--teacher", help="frozen (default) | live | ema")
     p.add_argument("--rollouts", type=_count(1), help="budget of sampled student completions")

@@ -98,6 +98,8 @@ CASES = [
     ("search --model {model} --simulations 0", "--simulations"),
     ("search --model {model} --data {lab}/good.jsonl --value check", "--value"),
     ("search --model {model} oops=1", "oops"),
+    ("search --model {model} --out {lab}/nodir/rows.jsonl", "--out"),
+    ("search --model {model} --out {lab}", "--out"),
     ("eval --model {model} --data {lab}/good.jsonl --verifier nope", "--verifier"),
     ("eval --model {model} --data {lab}/good.jsonl --fields prompt", "--fields"),
     ("compare --model {model} --out {tmp}/o --methods self-distill+gate", "methods"),
