@@ -92,7 +92,7 @@ def cmd_search(a) -> int:
     from handrail.evaluate import fit_records, prompt_limit
     from handrail.models import load_model
     from handrail.run import progress
-    from handrail.search import SearchConfig, search
+    from handrail.search import SearchConfig, search, value_mode
 
     if a.overrides or a.config:
         raise C.ConfigError(f"{a.overrides[0] if a.overrides else '--config'}: search takes flags only "
@@ -106,10 +106,7 @@ def cmd_search(a) -> int:
         raise C.ConfigError(f"--out: {a.out} is a folder, or its folder does not exist; give a file path "
                             f"(checked before searching, so no work is lost)")
     task, records = _problems(a)
-    value = a.value or ("answer" if a.data else "check")
-    if value == "check" and getattr(task, "checked", None) is None:
-        raise C.ConfigError("--value: check needs a task with a program check (the embedded tasks); "
-                            "for data files use --value answer (an oracle at test time)")
+    value = value_mode(task, a.value or "")  # checked here, before the model loads and the search starts
     cfg = SearchConfig(simulations=a.simulations, candidates=a.candidates, c_puct=a.c_puct, value=value,
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                        delimiter=a.delimiter.encode().decode("unicode_escape"), batch_size=a.batch_size)

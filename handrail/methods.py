@@ -20,7 +20,7 @@ from handrail.evaluate import is_correct, prompt_ids
 from handrail.models import AdapterOff, HiddenStates
 from handrail.objectives import (chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, fusable,
                                  fused_distill_sum, token_logp)
-from handrail.rollout import Guide, Rollout, given_rollout, left_pad, positions
+from handrail.rollout import Guide, Rollout, given_rollout, left_pad, positions, token_rollout
 
 
 def completion_hidden(model, prompts: list[list[int]], rollout: Rollout, pad_id: int, loss=None):
@@ -89,6 +89,8 @@ def until_divergence(logp_T_tokens: torch.Tensor, mask: torch.Tensor, prob: floa
 class Method:
     needs_rollouts = True
     privileged = False  # reads a teacher prompt with the reference (its records must fit with the hint)
+    needs_solutions = True  # answer-only records get worked solutions first (bootstrap) unless this is False
+    rewarded = False  # trains on a verifier's reward, which a curriculum may shape
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         from handrail import curriculum
@@ -246,6 +248,9 @@ class GRPO(Method):
     - `dr_grpo`: summed, divided by sequences x max_new_tokens (a constant: no length bias);
       Dr. GRPO also turns `scale_rewards` off."""
 
+    needs_solutions = False  # the reward reads only the answer
+    rewarded = True
+
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, frozen=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
         # `frozen`: a frozen copy of the initial model another part of the method already holds
@@ -253,10 +258,7 @@ class GRPO(Method):
 
     @torch.no_grad()
     def score(self, records, rollout, lm_now, acc):
-        lengths = rollout.completion_mask.sum(1).tolist()
-        rewards = torch.tensor([self.reward(t, r, n) for t, r, n in zip(rollout.texts, records, lengths)],
-                               device=rollout.completion_ids.device)
-        every = acc.gather(rewards)  # groups may straddle processes
+        every = acc.gather(self._rewards(records, rollout))  # groups may straddle processes
         groups = every.view(-1, self.cfg.samples_per_prompt)
         adv = groups - groups.mean(1, keepdim=True)
         if self.cfg.scale_rewards:
@@ -268,6 +270,12 @@ class GRPO(Method):
                                   len(records) * acc.num_processes, self.cfg.max_new_tokens)
         ref_logp = rollout.logprobs if self.reference is None else self._reference_logp(rollout)
         return PolicySignal(adv, weight, ref_logp, every)
+
+    def _rewards(self, records, rollout) -> torch.Tensor:
+        """(B,) each rollout's reward (`reward`: the verifier, shaped by a curriculum if any)."""
+        lengths = rollout.completion_mask.sum(1).tolist()
+        return torch.tensor([self.reward(t, r, n) for t, r, n in zip(rollout.texts, records, lengths)],
+                            device=rollout.completion_ids.device)
 
     def _reference_logp(self, rollout):
         hidden = completion_hidden(HiddenStates(self.reference), rollout.prompt_ids, rollout,
@@ -342,6 +350,7 @@ class RLSD(GRPO):
     over an answer the student did not reach."""
 
     privileged = True
+    needs_solutions = True  # its teacher reads the worked reference
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
@@ -373,6 +382,7 @@ class SRPO(Method):
     learns where it went wrong instead of only that it did. The two token sums are added."""
 
     privileged = True
+    rewarded = True
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task):
         super().__init__(cfg, initial_lm, tokenizer, templates, task)
@@ -454,8 +464,7 @@ class Vine(GRPO):
 
         cfg, device = self.cfg, rollout.completion_ids.device
         B, T = rollout.completion_ids.shape
-        lengths = rollout.completion_mask.sum(1).tolist()
-        rewards = torch.tensor([self.reward(t, r, n) for t, r, n in zip(rollout.texts, records, lengths)])
+        rewards = self._rewards(records, rollout)
         ends = rollout.step_ends or step_ends(rollout.completion_ids, rollout.completion_mask,
                                               delimiter_table(self.tokenizer, cfg.step_delimiter))
         points = [branch_points(e, cfg.vine_points) for e in ends]
@@ -484,7 +493,7 @@ class Vine(GRPO):
         weight = pg_token_weights(rollout.completion_mask, cfg.grpo_loss, acc.reduce(rollout.completion_mask.sum(), "sum"),
                                   B * acc.num_processes, cfg.max_new_tokens)
         ref_logp = rollout.logprobs if self.reference is None else self._reference_logp(rollout)
-        every = acc.gather(rewards.to(device))
+        every = acc.gather(rewards)
         self._credited = (adv != 0).float().sum() / rollout.completion_mask.sum().clamp(min=1)
         return PolicySignal(adv, weight, ref_logp, every)
 
@@ -504,14 +513,15 @@ class ExpertIteration(Method):
     which is conservative: a candidate step is a fraction of a completion."""
 
     needs_rollouts = False  # it samples inside the search
+    needs_solutions = False  # values come from the check or the answer
 
     def given_rollout(self, records, device, lm=None) -> Rollout:
-        from handrail.search import Problem, SearchConfig, Searcher
+        from handrail.search import Problem, SearchConfig, Searcher, value_mode
 
         cfg = self.cfg
-        value = cfg.search_value or ("check" if getattr(self.task, "checked", None) else "answer")
         searcher = Searcher(lm, self.tokenizer, self.templates, self.task, SearchConfig(
-            simulations=cfg.search_simulations, candidates=cfg.search_candidates, value=value,
+            simulations=cfg.search_simulations, candidates=cfg.search_candidates,
+            value=value_mode(self.task, cfg.search_value),
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, delimiter=cfg.step_delimiter))
         with torch.no_grad():
             problems = searcher.search([Problem(r, ids) for r, ids in
@@ -525,14 +535,12 @@ class ExpertIteration(Method):
             if p.solution_tokens is not None:  # found and checked: the rest of it, from where the moves stopped
                 rows.append((p.prompt + p.root.tokens, p.solution_tokens[len(p.root.tokens):], 1.0))
         rows = [r for r in rows if r[1]] or [(problems[0].prompt, [self.tokenizer.pad_token_id], 0.0)]
-        T = max(len(c) for _, c, _ in rows)
-        ids = torch.full((len(rows), T), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), T)
-        for i, (_, c, w) in enumerate(rows):
-            ids[i, :len(c)], mask[i, :len(c)] = torch.tensor(c), 1.0 if w > 0 else 0.0
-        self._weights = torch.tensor([w for _, _, w in rows], device=device)[:, None]
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for _, c, _ in rows]
-        return Rollout([p for p, _, _ in rows], ids.to(device), mask.to(device), torch.zeros_like(mask, device=device), texts)
+        prompts, comps, weights = zip(*rows)
+        rollout = token_rollout(list(prompts), list(comps), self.tokenizer.pad_token_id,
+                                self.tokenizer.batch_decode(comps, skip_special_tokens=True), device)
+        self._weights = torch.tensor(weights, device=device)[:, None]
+        rollout.completion_mask *= (self._weights > 0).float()  # the stand-in row of a step that found nothing
+        return rollout
 
     def score(self, records, rollout, lm_now, acc):
         return self._weights

@@ -161,10 +161,17 @@ def given_rollout(tokenizer, prompt_ids: list[list[int]], texts: list[str], devi
     zeros: no sampling distribution produced it."""
     eos = tokenizer.eos_token_id
     comps = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
-    T = max(len(c) for c in comps)
-    ids = torch.full((len(comps), T), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(comps), T))
-    for i, c in enumerate(comps):
+    return token_rollout(prompt_ids, comps, tokenizer.pad_token_id, list(texts), device)
+
+
+def token_rollout(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int, texts: list[str],
+                  device=None) -> Rollout:
+    """A Rollout of completions given as token ids (right-padded, mask 1 on every given token,
+    zero log-probs)."""
+    T = max(len(c) for c in completions)
+    ids = torch.full((len(completions), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), T))
+    for i, c in enumerate(completions):
         ids[i, :len(c)], mask[i, :len(c)] = torch.tensor(c), 1.0
     return Rollout([list(p) for p in prompt_ids], ids.to(device), mask.to(device),
-                   torch.zeros_like(mask, device=device), list(texts))
+                   torch.zeros_like(mask, device=device), texts)

@@ -97,11 +97,19 @@ class SearchConfig:
     batch_size: int = 64  # problems searched in lockstep
 
 
+def value_mode(task, value: str = "") -> str:
+    """The value a search uses: `value`, or by default the task's program check where it has one,
+    else the reference answer. Asking for `check` of a task without one is an error."""
+    has_check = getattr(task, "checked", None) is not None
+    if value == "check" and not has_check:
+        raise ValueError("--value: check needs a task with a program check (the embedded tasks); "
+                         "for data files use --value answer (an oracle at test time)")
+    return value or ("check" if has_check else "answer")
+
+
 class Searcher:
     def __init__(self, model, tokenizer, templates, task, cfg: SearchConfig):
-        if cfg.value == "check" and getattr(task, "checked", None) is None:
-            raise ValueError("--value: check needs a task with a program check (the embedded tasks); "
-                             "for data files use --value answer (an oracle at test time)")
+        value_mode(task, cfg.value)
         self.model, self.tok, self.templates, self.task, self.cfg = model, tokenizer, templates, task, cfg
         self.stops = stop_ids(tokenizer)
         self.sequences = 0  # sampled sequences (candidate steps and rollouts): what training counts as rollouts

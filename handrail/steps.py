@@ -12,10 +12,13 @@ form and its arithmetic against the previous step and the prompt's operations
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 DEFAULT_DELIMITER = "\n"
-_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+# per tokenizer object (not its id, which a later tokenizer may reuse), per delimiter
+_TABLES: "weakref.WeakKeyDictionary[object, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 def split_steps(text: str, delimiter: str = DEFAULT_DELIMITER) -> list[str]:
@@ -27,12 +30,11 @@ def split_steps(text: str, delimiter: str = DEFAULT_DELIMITER) -> list[str]:
 
 def delimiter_table(tokenizer, delimiter: str = DEFAULT_DELIMITER) -> torch.Tensor:
     """(V,) bool: tokens whose text contains `delimiter` (computed once per tokenizer)."""
-    key = (id(tokenizer), delimiter)
-    if key not in _TABLES:
-        V = len(tokenizer)
-        texts = tokenizer.batch_decode([[i] for i in range(V)])
-        _TABLES[key] = torch.tensor([delimiter in t for t in texts], dtype=torch.bool)
-    return _TABLES[key]
+    tables = _TABLES.setdefault(tokenizer, {})
+    if delimiter not in tables:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        tables[delimiter] = torch.tensor([delimiter in t for t in texts], dtype=torch.bool)
+    return tables[delimiter]
 
 
 def delimiter_ids(tokenizer, delimiter: str = DEFAULT_DELIMITER) -> list[int]:

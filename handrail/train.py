@@ -157,7 +157,7 @@ class TrainConfig:
         if not self.model:
             raise ValueError("config key 'model': required")
         from handrail.data import parse_fields
-        from handrail.methods import GROUPED
+        from handrail.methods import GROUPED, METHODS
         from handrail.verifiers import load as load_verifier
 
         parse_fields(self.fields)
@@ -183,9 +183,10 @@ class TrainConfig:
                              + (" x (1 + vine_points x vine_k)" if self.method == "vine" else "")
                              + f" = {self.rollouts_per_step} rollouts")
         if self.curriculum != "none":
-            if self.method not in ("grpo", "rlsd", "srpo", "vine"):
+            if not METHODS[self.method].rewarded:
+                rewarded = ", ".join(name for name, m in METHODS.items() if m.rewarded)
                 raise ValueError(f"config key 'curriculum': {self.curriculum} shapes a reward; method {self.method} "
-                                 f"has none (use grpo, rlsd, srpo or vine)")
+                                 f"has none (use {rewarded})")
             if not self.eval_every:
                 raise ValueError("config key 'eval_every': the curriculum checks validation accuracy every "
                                  "eval_every steps, so it must be > 0")
@@ -334,7 +335,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         _log(acc, out, {"step": 0, "rollouts": 0, "tokens": 0, "seconds": 0.0, **evaluate_now()})
 
     # 0. answer-only records: sample worked solutions first and keep those that verify (bootstrap.py)
-    answer_only = [] if cfg.method in ("grpo", "vine", "expert-iteration") else needs_bootstrap(train_recs)  # these need no solutions
+    answer_only = needs_bootstrap(train_recs) if method.needs_solutions else []
     if answer_only and cfg.bootstrap_k:
         train_recs = _bootstrap_stage(cfg, acc, out, state, acc.unwrap_model(policy).lm, tokenizer, templates,
                                       train_recs, check, log)
