@@ -10,10 +10,17 @@ makes multi-process training reproduce single-process training.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .decoder import LeanDecoder, supported
+
+# HANDRAIL_LEAN_DECODE=0 steps every model by its own forward (the lean step's escape hatch; tests
+# and benchmarks flip LEAN to compare the two)
+LEAN = os.environ.get("HANDRAIL_LEAN_DECODE", "1") != "0"
 
 
 @dataclass
@@ -88,20 +95,26 @@ class Guide:
 
 
 class _Stream:
-    """One model with its own KV cache, advanced one token per step."""
+    """One model with its own KV cache, advanced one token per step: by decoder.LeanDecoder where
+    the architecture allows (the same logits without the framework's per-call overhead), else by
+    the model's own forward."""
 
-    def __init__(self, model, prompts: list[list[int]], pad_id: int, device):
+    def __init__(self, model, prompts: list[list[int]], pad_id: int, device, room: int = 64):
         self.model = model
         ids, self.attn = left_pad(prompts, pad_id, device)
         out = model(input_ids=ids, attention_mask=self.attn, position_ids=positions(self.attn),
                     use_cache=True, logits_to_keep=1)
         self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
+        self.lean = LeanDecoder(model, self.cache, self.attn, room) if LEAN and supported(model) else None
 
     def step(self, tok: torch.Tensor) -> None:
+        if self.lean is not None:
+            self.logits = self.lean.step(tok)
+            return
         self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
-        out = self.model(input_ids=tok[:, None], attention_mask=self.attn,
-                         position_ids=positions(self.attn)[:, -1:], past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        position = positions(self.attn)[:, -1:]
+        out = self.model(input_ids=tok[:, None], attention_mask=self.attn, position_ids=position,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
 
 
@@ -116,11 +129,11 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int
     and `logprobs` are under that aggregate, the distribution actually sampled from."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    streams = [_Stream(model, prompt_ids, pad_id, device)]
+    streams = [_Stream(model, prompt_ids, pad_id, device, max_new_tokens)]
     if guide is not None:
-        streams.append(_Stream(guide.model, guide.prompt_ids, pad_id, device))
+        streams.append(_Stream(guide.model, guide.prompt_ids, pad_id, device, max_new_tokens))
         if guide.initial is not None:
-            streams.append(_Stream(guide.initial[0], guide.initial[1], pad_id, device))
+            streams.append(_Stream(guide.initial[0], guide.initial[1], pad_id, device, max_new_tokens))
     B = len(prompt_ids)
     global_rows = global_rows or B
     stops = torch.tensor(stop_ids, device=device)

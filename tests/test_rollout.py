@@ -97,3 +97,80 @@ def test_guided_with_rule_none_follows_the_teacher_exactly(tiny_model):
     tr = sample(model, tok, ids, guide=Guide(model, t_ids, make_rule("trust-region")),
                 **{**kw, "temperature": 1.0, "seed": 1})
     assert torch.isfinite(tr.logprobs).all() and tr.n_tokens > 0
+
+
+# -- the lean decoding step (decoder.py) ----------------------------------------------------------
+def _stream_logits(model, prompts, lean, steps, room, monkeypatch):
+    import handrail.rollout as R
+
+    monkeypatch.setattr(R, "LEAN", lean)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        s = R._Stream(model, prompts, 0, "cpu", room)
+        assert (s.lean is not None) == lean
+        logits = [s.logits]
+        for _ in range(steps):
+            s.step(torch.randint(3, model.config.vocab_size, (len(prompts),), generator=g))
+            logits.append(s.logits)
+    return torch.stack(logits)
+
+
+def _arch(kind):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                  attn_implementation="sdpa")
+    if kind == "llama-gqa":
+        return LlamaForCausalLM(LlamaConfig(num_attention_heads=6, num_key_value_heads=2, **common)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(num_attention_heads=6, num_key_value_heads=3, **common)).eval()  # q/k/v biases
+
+
+def test_lean_step_matches_the_models_forward(tiny_model, monkeypatch):
+    """Every architecture the lean step takes, with padded and unpadded batches, past the room
+    its cache was given (so the buffers grow): the same logits as the model's own forward."""
+    import pytest
+
+    models = [("tiny", load_model(tiny_model)[0].eval()), ("llama-gqa", _arch("llama-gqa")), ("qwen2", _arch("qwen2")),
+              ("bf16", _arch("llama-gqa").to(torch.bfloat16))]
+    for name, model in models:
+        V = model.config.vocab_size
+        for lengths in ((3, 9, 5, 1), (6, 6, 6, 6)):
+            prompts = [[(7 * i + j) % (V - 3) + 3 for j in range(n)] for i, n in enumerate(lengths)]
+            lean = _stream_logits(model, prompts, True, 40, 8, monkeypatch)
+            ref = _stream_logits(model, prompts, False, 40, 8, monkeypatch)
+            tol = 1e-2 if name == "bf16" else 1e-5
+            assert torch.allclose(lean, ref, atol=tol, rtol=tol), (name, lengths, (lean - ref).abs().max())
+            if lengths[0] == 6:
+                with pytest.raises(AssertionError):  # the comparison can fail: other prompts, other logits
+                    other = [[p[0] + 1] + p[1:] for p in prompts]
+                    assert torch.allclose(_stream_logits(model, other, True, 40, 8, monkeypatch), ref, atol=1e-5)
+
+
+def test_lean_step_declines_what_it_does_not_know(tiny_model):
+    from handrail.decoder import supported
+    from handrail.models import add_lora
+
+    model = load_model(tiny_model)[0]
+    assert supported(model)
+    eager = load_model(tiny_model)[0]
+    eager.config._attn_implementation = "eager"
+    assert not supported(eager)
+    assert not supported(add_lora(load_model(tiny_model)[0], 4, 8, "all-linear"))
+    hooked = load_model(tiny_model)[0]
+    hooked.model.layers[0].register_forward_hook(lambda *a: None)
+    assert not supported(hooked)
+
+
+def test_sampling_is_the_same_with_and_without_the_lean_step(tiny_model, monkeypatch):
+    import handrail.rollout as R
+
+    model, tok, tpl = load_model(tiny_model)
+    ids = _prompts(tok, tpl)
+    kw = dict(max_new_tokens=30, stop_ids=stop_ids(tok), temperature=1.0, seed=5)
+    monkeypatch.setattr(R, "LEAN", False)
+    ref = sample(model, tok, ids, **kw)
+    monkeypatch.setattr(R, "LEAN", True)
+    lean = sample(model, tok, ids, **kw)
+    assert lean.texts == ref.texts
+    assert torch.allclose(lean.logprobs, ref.logprobs, atol=1e-5)
