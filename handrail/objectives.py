@@ -173,7 +173,8 @@ def fused_distill_sum(rule, hidden, head, mask, use_T=None, *, refs, intervene_k
     """The same four sums as `chunked_sum(distill_chunk(rule, intervene_kl, topk), ...)` and the
     same gradients, at about the naive loss's time and the chunked loss's memory (_FusedDistill)."""
     out = _FusedDistill.apply(hidden, head.weight, mask, use_T, refs, rule, intervene_kl, chunk_size, topk)
-    return out[0], out[1].detach(), out[2].detach(), out[3].detach()
+    # the loss a copy, not a view of `out`: FSDP hooks a module's outputs, and warns on views
+    return out[0].clone(), out[1].detach(), out[2].detach(), out[3].detach()
 
 
 def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

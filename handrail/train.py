@@ -41,6 +41,7 @@ from handrail.evaluate import evaluate, fit_records, prompt_ids, prompt_limit
 from handrail.models import (AdapterOff, HiddenStates, add_lora, first_line, load_model, nonfinite_weight,
                              save_model, stop_ids)
 from handrail.rollout import sample
+from handrail.sharding import Shards, by_position
 from handrail.steps import delimiter_table, step_ends
 from handrail.tasks import DEFAULT_TASK, get_task
 from handrail.verifiers import FileTask
@@ -126,6 +127,7 @@ class TrainConfig:
     lora_merge: bool = False  # also save the base with the adapter merged in, as model-merged/
     mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate)
     grad_checkpointing: bool = False  # recompute the student's layer activations in backward: less memory, more time
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state across processes (sharding.py)
     log_with: str | None = None  # accelerate tracker: tensorboard | wandb | ... (metrics.jsonl always)
     threads: int = 0  # torch threads per process (0 = leave as is)
     max_nonfinite: int = 3  # a non-finite loss or gradient skips the step; this many in a row stop the run
@@ -165,6 +167,12 @@ class TrainConfig:
         if self.lora_r and self.teacher == "ema":
             raise ValueError("config key 'teacher': ema keeps its own copy of every weight; with LoRA "
                              "(lora_r > 0) use frozen (the base, adapter off) or live")
+        if self.fsdp and self.lora_r:
+            raise ValueError("config key 'fsdp': sharding LoRA adapters is not built (their base is frozen and "
+                             "shared; data-parallel training without fsdp keeps one copy of it per process)")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ValueError("config key 'fsdp': with fsdp use mixed_precision bf16 (fp16 would need a loss "
+                             "scaler, which the sharded path does not have)")
         if self.lora_merge and not self.lora_r:
             raise ValueError("config key 'lora_merge': there is no adapter to merge (lora_r is 0)")
 
@@ -292,12 +300,21 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = HiddenStates(lm).train()
+    method = METHODS[cfg.method](cfg, initial, tokenizer, templates, check)  # copies what it keeps
+    state, opt_state = State(), None
+    if ckpt:
+        state, opt_state = _load_checkpoint(out, lm, method, acc.device, log)
+    if cfg.fsdp and acc.num_processes == 1:
+        log("fsdp: a single process has nothing to shard; training unsharded")
+    # sharded (sharding.py): the optimizer must see the sharded parameters, so it comes after
+    shards = Shards(policy, cfg.mixed_precision) if cfg.fsdp and acc.num_processes > 1 else None
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    method = METHODS[cfg.method](cfg, initial, tokenizer, templates, check)  # copies what it keeps
-    state = State()
-    if ckpt:
-        state = _load_checkpoint(out, lm, opt, method, acc.device, log)
+    if opt_state is not None:
+        if shards:
+            shards.load_optimizer_state(opt, opt_state)
+        else:
+            opt.load_state_dict(by_position(policy, opt_state))
     acc.wait_for_everyone()  # every process has checked before the main one writes
     if acc.is_main_process:
         if restart:
@@ -306,7 +323,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                 (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         C.save(cfg, out / "config.json")
-    policy, opt = acc.prepare(policy, opt)
+    if shards is None:
+        policy, opt = acc.prepare(policy, opt)
+
+    def current_lm():
+        """The policy's weights as a plain model, for everything but the training forward."""
+        return shards.rollout_lm if shards else acc.unwrap_model(policy).lm
     if cfg.log_with:
         acc.init_trackers(out.name, config=asdict(cfg))
     stops = stop_ids(tokenizer)
@@ -317,7 +339,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     def evaluate_now():
         if not acc.is_main_process:
             return {}
-        res = evaluate(acc.unwrap_model(policy).lm, tokenizer, templates, eval_recs, task=check,
+        res = evaluate(current_lm(), tokenizer, templates, eval_recs, task=check,
                        samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         return {"eval/pass@1": res["accuracy"], "eval/pass@1_sampled": res["accuracy_sampled"],
                 "eval/leak_rate": res["leak_rate"], "eval/tokens_per_solved": res["tokens_per_solved"],
@@ -325,7 +347,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
 
     def curriculum_check():
         """The curriculum's validation check; every process moves its copy the same way."""
-        res = evaluate(acc.unwrap_model(policy).lm, tokenizer, templates, curriculum_recs, task=check,
+        res = evaluate(current_lm(), tokenizer, templates, curriculum_recs, task=check,
                        samples=0, max_new_tokens=cfg.max_new_tokens)
         method.curriculum.update(res["accuracy"])
         return {"curriculum/val_pass@1": res["accuracy"], "curriculum/val_tokens_per_solved": res["tokens_per_solved"],
@@ -337,7 +359,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     # 0. answer-only records: sample worked solutions first and keep those that verify (bootstrap.py)
     answer_only = needs_bootstrap(train_recs) if method.needs_solutions else []
     if answer_only and cfg.bootstrap_k:
-        train_recs = _bootstrap_stage(cfg, acc, out, state, acc.unwrap_model(policy).lm, tokenizer, templates,
+        train_recs = _bootstrap_stage(cfg, acc, out, state, current_lm(), tokenizer, templates,
                                       train_recs, check, log)
     elif answer_only and cfg.hint == "solution":
         log(f"{len(answer_only)} records have only an answer: '#### <answer>' stands in for their solution "
@@ -356,7 +378,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         local = batch[rows]
 
         # 2. roll out the student (or take text already written: references, logged turns)
-        lm_now = acc.unwrap_model(policy).lm
+        lm_now = current_lm()
         lm_now.eval()
         if sampling:
             rollout = sample(lm_now, tokenizer, prompt_ids(tokenizer, local, templates),
@@ -376,11 +398,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         n_tokens = acc.reduce(torch.tensor(float(rollout.n_tokens), device=acc.device), "sum").item()
         loss_sum, metrics = method.student_loss(policy, local, rollout, signal)  # inside the wrapped forward
         acc.backward(loss_sum * acc.num_processes / max(n_tokens, 1.0))
-        grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        grad_norm = shards.clip_grad_norm_(cfg.grad_clip) if shards else acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         finite = bool(torch.isfinite(loss_sum.detach()) and torch.isfinite(torch.as_tensor(grad_norm)))
         if finite:  # a non-finite step would write NaN into every weight: skip it instead
             opt.step()
-            method.after_step(acc.unwrap_model(policy).lm)
+            if shards:
+                shards.refresh()
+            method.after_step(current_lm())
             state.nonfinite_run = 0
         else:
             state.nonfinite_steps += 1
@@ -416,14 +440,15 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
                          if k in ("loss/total", "teacher/kl", "eval/pass@1", "reward/mean")}, refresh=False)
         if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-            _save_checkpoint(acc, out, policy, opt, method, state, tokenizer, templates, meta)
+            _save_checkpoint(acc, out, current_lm(), shards.optimizer_state(opt) if shards else opt.state_dict(),
+                             method, state, tokenizer, templates, meta)
     bar.close()
     final = out / "model"
     if acc.is_main_process:
-        _check_finite(acc.unwrap_model(policy).lm, out)
-        save_model(acc.unwrap_model(policy).lm, tokenizer, final, templates, meta)
+        _check_finite(current_lm(), out)
+        save_model(current_lm(), tokenizer, final, templates, meta)
         if cfg.lora_merge:
-            save_model(acc.unwrap_model(policy).lm.merge_and_unload(), tokenizer, out / "model-merged", templates)
+            save_model(current_lm().merge_and_unload(), tokenizer, out / "model-merged", templates)
     acc.wait_for_everyone()
     acc.end_training()
     summary = {"model": str(final), "processes": acc.num_processes, **asdict(state)}
@@ -523,9 +548,10 @@ def _checkpoints(out: Path) -> list[Path]:
     return [out / name for name in CHECKPOINTS if (out / name / "state.json").exists()]
 
 
-def _load_checkpoint(out: Path, lm, opt, method, device, log) -> State:
-    """Weights, optimizer, method and state from the newest checkpoint that loads; a damaged one
-    is named and passed over for the one before it, and if none loads the error names the file."""
+def _load_checkpoint(out: Path, lm, method, device, log) -> tuple[State, dict]:
+    """Weights, method and state from the newest checkpoint that loads, and its optimizer state
+    (loaded by the caller once the optimizer exists); a damaged one is named and passed over for
+    the one before it, and if none loads the error names the file."""
     damaged = []
     for c in _checkpoints(out):
         part = c / "state.json"
@@ -533,27 +559,30 @@ def _load_checkpoint(out: Path, lm, opt, method, device, log) -> State:
             state = State(**json.loads(part.read_text()))
             part = c / "model"
             lm.load_state_dict(load_model(str(part), device=device)[0].state_dict())
-            for part, target in ((c / "optimizer.pt", opt), (c / "method.pt", method)):
-                target.load_state_dict(torch.load(part, map_location=device, weights_only=True))
+            part = c / "optimizer.pt"
+            opt_state = torch.load(part, map_location=_storage(device), weights_only=True)
+            part = c / "method.pt"
+            method.load_state_dict(torch.load(part, map_location=_storage(device), weights_only=True))
         except Exception as e:  # noqa: BLE001 - any damage: try the previous checkpoint
             damaged.append(f"{part} ({first_line(e)})")
             continue
         if damaged:
             log(f"WARNING: damaged checkpoint file {damaged[0]}; resuming from {c} (step {state.step}) instead")
         _truncate_metrics(out / "metrics.jsonl", state.step)
-        return state
+        return state, opt_state
     raise ValueError(f"cannot resume: damaged checkpoint file {damaged[0]}" +
                      ("; the older ones are damaged too" if len(damaged) > 1 else "; no older checkpoint to fall back to"))
 
 
-def _save_checkpoint(acc, out: Path, policy, opt, method, state: State, tokenizer, templates, meta=None) -> None:
+def _save_checkpoint(acc, out: Path, lm, opt_state: dict, method, state: State, tokenizer, templates,
+                     meta=None) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _check_finite(acc.unwrap_model(policy).lm, out)
+        _check_finite(lm, out)
         tmp, good, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(acc.unwrap_model(policy).lm, tokenizer, tmp / "model", templates, meta)
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        save_model(lm, tokenizer, tmp / "model", templates, meta)
+        torch.save(opt_state, tmp / "optimizer.pt")
         torch.save(method.state_dict(), tmp / "method.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks it complete
         if good.exists():
@@ -588,3 +617,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
             if isinstance(row, dict) and row.get("step", 0) <= step:
                 rows.append(line)
         path.write_text("".join(r + "\n" for r in rows))
+
+
+def _storage(device):
+    """torch.load's map_location: accelerate names a process's CPU 'cpu:0', which torch.load refuses."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "cpu" else device

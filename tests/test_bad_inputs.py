@@ -92,6 +92,8 @@ CASES = [
     ("train --model {model} --out {tmp}/o --method expert-iteration search_value=check --data {lab}/good.jsonl",
      "search_value"),
     ("train --model {model} --out {tmp}/o teacher_topk=-1", "teacher_topk"),
+    ("train --model {model} --out {tmp}/o fsdp=true lora_r=4", "fsdp"),
+    ("train --model {model} --out {tmp}/o fsdp=true mixed_precision=fp16", "fsdp"),
     ("search --model {model} --temperature 0", "--temperature"),
     ("search --model {model} --c-puct -1", "--c-puct"),
     ("search --model {model} --delimiter=", "--delimiter"),

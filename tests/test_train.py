@@ -1,6 +1,7 @@
 """The training loop on a tiny model: every method runs, resume is exact, two processes equal one."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -255,21 +256,45 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tiny_model, tmp_
 
 
 def test_two_processes_equal_one(tiny_model, tmp_path):
+    """Data-parallel (DDP) and sharded (fsdp=true, FSDP2 on gloo) training on two processes give
+    one process's weights at the same global batch; a sharded run's checkpoint (full tensors, its
+    optimizer state keyed by name) resumes on one process exactly as an unsharded one does."""
     common = ["--model", tiny_model, "--rollouts", "32", "prompts_per_step=8", "max_new_tokens=24",
-              "eval_n=8", "train_n=64", "level=2", "eval_every=0", "checkpoint_every=0", "lr=1e-3", "threads=1"]
+              "eval_n=8", "train_n=64", "level=2", "eval_every=0", "lr=1e-3", "threads=1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-m", "handrail.cli", "train", "--out", str(tmp_path / "one"), *common],
                    check=True, capture_output=True, env=env)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "-m", "handrail.cli", "train", "--out", str(tmp_path / "two"), *common],
-                       capture_output=True, text=True, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count('"processes": 2') == 2  # two processes, one gloo group (not two lone runs)
-    a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
+    for name, extra in (("two", []), ("fsdp", ["fsdp=true"])):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "-m", "handrail.cli", "train", "--out", str(tmp_path / name), *common, *extra],
+                           capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count('"processes": 2') == 2  # two processes, one gloo group (not two lone runs)
+        a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / name / "model")
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), (name, max((a[k] - b[k]).abs().max() for k in a))
+        ra, rb = rows(tmp_path / "one"), rows(tmp_path / name)
+        assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb]
+        assert ra[-1]["loss/total"] == pytest.approx(rb[-1]["loss/total"], rel=1e-4)
+    assert isinstance(next(iter(torch.load(tmp_path / "fsdp" / "checkpoint" / "optimizer.pt")["state"])), str)
+    for name in ("one", "fsdp"):
+        subprocess.run([sys.executable, "-m", "handrail.cli", "train", "--resume", str(tmp_path / name), "rollouts=48"],
+                       check=True, capture_output=True, env=env)
+    a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / "fsdp" / "model")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max((a[k] - b[k]).abs().max() for k in a)
-    ra, rb = rows(tmp_path / "one"), rows(tmp_path / "two")
-    assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb]
-    assert ra[-1]["loss/total"] == pytest.approx(rb[-1]["loss/total"], rel=1e-4)
+    assert rows(tmp_path / "fsdp")[-1]["step"] == 6
+
+
+def test_sharded_bf16_trains_with_a_finite_loss(tiny_model, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "handrail.cli",
+                        "train", "--model", tiny_model, "--out", str(tmp_path / "r"), "--rollouts", "16",
+                        "prompts_per_step=8", "max_new_tokens=16", "eval_n=0", "train_n=32", "level=2", "threads=1",
+                        "fsdp=true", "mixed_precision=bf16", "lr=1e-3"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = rows(tmp_path / "r")
+    assert len(log) == 2 and all(math.isfinite(r["loss/total"]) and r["loss/grad_norm"] > 0 for r in log)
+    w = weights(tmp_path / "r" / "model")
+    assert all(t.dtype == torch.float32 for t in w.values())  # bf16 for compute; the weights stay fp32
 
 
 def test_a_fresh_run_never_mixes_with_an_old_one(tiny_model, tmp_path):

@@ -1,0 +1,93 @@
+"""Sharded training (`fsdp: true` under torchrun): torch's fully_shard (FSDP2) on the policy.
+
+What is sharded is what grows with training: the trainable weights, their gradients and AdamW's
+two moments, split across processes; each decoder layer is gathered only for its own forward and
+backward. What runs outside the training forward — sampling, a live teacher's pass, evaluation,
+saving — reads `rollout_lm`, a plain full copy of the weights on every process, refreshed from
+the shards after each optimizer step. That copy is the seam where a separate inference engine
+would sit (DESIGN: the rollout source); it costs one set of weights per process, against the
+four (weights, gradients, two moments) that unsharded data-parallel training keeps.
+
+accelerate does not set FSDP up on the CPU (it reports no distributed type there), so this calls
+torch directly; it runs on the CPU with gloo and on GPUs with nccl alike. Gradient clipping and
+the optimizer see DTensors; checkpoints hold full tensors, so a sharded run's checkpoint resumes
+on any number of processes, sharded or not.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class Shards:
+    def __init__(self, policy, mixed_precision: str = "no"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.policy = policy
+        self.rollout_lm = copy.deepcopy(policy.lm).eval()  # before sharding: plain tensors
+        self.rollout_lm.requires_grad_(False)
+        self._full = dict(self.rollout_lm.named_parameters())
+        device = next(policy.parameters()).device
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if mixed_precision == "bf16" else MixedPrecisionPolicy()
+        for layer in decoder_layers(policy.lm):
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(policy, mesh=mesh, mp_policy=mp)  # the rest (embeddings, final norm, head) as one group
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the sharded weights into rollout_lm (one all-gather per weight, on every process)."""
+        for name, p in self.policy.named_parameters():
+            self._full[name.removeprefix("lm.")].copy_(_full(p))
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.grad is not None], max_norm)
+        return float(_full(norm))
+
+    def optimizer_state(self, opt) -> dict:
+        """The optimizer's full state keyed by parameter name (a collective: every process calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.policy, opt, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+
+    def load_optimizer_state(self, opt, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.policy, opt, by_name(self.policy, state),
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+def decoder_layers(lm) -> list:
+    layers = getattr(getattr(lm, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"config key 'fsdp': cannot find the decoder layers of {type(lm).__name__} "
+                         f"(expected model.layers)")
+    return list(layers)
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def by_name(policy, state: dict) -> dict:
+    """An optimizer state dict keyed by parameter name; one keyed by position (what an unsharded
+    run's optimizer.state_dict() writes) is translated through the policy's parameter order."""
+    if all(isinstance(k, str) for k in state["state"]):
+        return state
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    return {"state": {names[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def by_position(policy, state: dict) -> dict:
+    """The inverse of by_name, for an unsharded run resuming a sharded run's checkpoint."""
+    if not all(isinstance(k, str) for k in state["state"]):
+        return state
+    index = {n: i for i, n in enumerate(n for n, p in policy.named_parameters() if p.requires_grad)}
+    return {"state": {index[n]: s for n, s in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
