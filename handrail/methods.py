@@ -1,10 +1,11 @@
 """What makes one method differ from another: its per-token training signal.
 
 Every method gives the loop in train.py the same four things: whether it samples student
-rollouts, how it `score`s them (no grad) into a small typed signal (DistillSignal, PolicySignal,
-HybridSignal; SFT needs none), the chunked `loss` it computes from that signal on the student's
-hidden states (run inside the policy's forward: `student_loss`), and what to do `after_step`. Nothing else differs between methods — the loop, the
-rollout accounting and the evaluation are shared.
+rollouts, how it `score`s them (no grad; the other processes seen only through a `World`) into a
+small typed signal (DistillSignal, PolicySignal, HybridSignal; SFT needs none), the chunked `loss`
+it computes from that signal on the student's hidden states (run inside the policy's forward:
+`student_loss`), and what to do `after_step`. Nothing else differs between methods — the loop,
+the rollout accounting and the evaluation are shared.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,6 +37,17 @@ def completion_hidden(model, prompts: list[list[int]], rollout: Rollout, pad_id:
     attn = torch.cat([attn_P, rollout.completion_mask.long()], dim=1)
     P, T = ids_P.shape[1], rollout.completion_ids.shape[1]
     return model(ids, attn, positions(attn), span=(P - 1, T), loss=loss)
+
+
+@dataclass(frozen=True)
+class World:
+    """All a method's `score` may know of the other processes: its rank among `size`, and two
+    collectives over them. The loop builds it from accelerate; one process needs none of it."""
+
+    rank: int = 0
+    size: int = 1
+    gather: Callable = lambda t: t  # every process's tensor, concatenated along dim 0
+    total: Callable = lambda t: t  # the sum over processes
 
 
 # -- signals: what `score` hands to `loss`, one small type per kind of method ---------------------
@@ -183,7 +196,7 @@ class SelfDistill(Method):
         return Guide(teacher, self.teacher_prompts(records), self.rule, initial)
 
     @torch.no_grad()
-    def score(self, records, rollout, lm_now, acc):
+    def score(self, records, rollout, lm_now, world: World):
         teacher = self.teacher if self.teacher is not None else lm_now
         was = teacher.training
         teacher.eval()
@@ -257,17 +270,17 @@ class GRPO(Method):
         self.reference = (frozen or _frozen_copy(initial_lm)) if cfg.kl_coef else None
 
     @torch.no_grad()
-    def score(self, records, rollout, lm_now, acc):
-        every = acc.gather(self._rewards(records, rollout))  # groups may straddle processes
+    def score(self, records, rollout, lm_now, world: World):
+        every = world.gather(self._rewards(records, rollout))  # groups may straddle processes
         groups = every.view(-1, self.cfg.samples_per_prompt)
         adv = groups - groups.mean(1, keepdim=True)
         if self.cfg.scale_rewards:
             adv = adv / (groups.std(1, keepdim=True, unbiased=False) + 1e-4)
         per = len(records)
-        adv = adv.flatten()[acc.process_index * per:(acc.process_index + 1) * per]
+        adv = adv.flatten()[world.rank * per:(world.rank + 1) * per]
         mask = rollout.completion_mask
-        weight = pg_token_weights(mask, self.cfg.grpo_loss, acc.reduce(mask.sum(), "sum"),
-                                  len(records) * acc.num_processes, self.cfg.max_new_tokens)
+        weight = pg_token_weights(mask, self.cfg.grpo_loss, world.total(mask.sum()),
+                                  len(records) * world.size, self.cfg.max_new_tokens)
         ref_logp = rollout.logprobs if self.reference is None else self._reference_logp(rollout)
         return PolicySignal(adv, weight, ref_logp, every)
 
@@ -331,7 +344,7 @@ class SFT(Method):
         texts = [r.solution or f"#### {reference_answer(r)}" for r in records]
         return given_rollout(self.tokenizer, prompt_ids(self.tokenizer, records, self.templates), texts, device)
 
-    def score(self, records, rollout, lm_now, acc):
+    def score(self, records, rollout, lm_now, world: World):
         return None
 
     def loss(self, head, hidden, rollout, signal):
@@ -358,8 +371,8 @@ class RLSD(GRPO):
         self.teacher = self.reference if self.reference is not None else _frozen_copy(initial_lm)
 
     @torch.no_grad()
-    def score(self, records, rollout, lm_now, acc):
-        signal = super().score(records, rollout, lm_now, acc)
+    def score(self, records, rollout, lm_now, world: World):
+        signal = super().score(records, rollout, lm_now, world)
         hidden_T = completion_hidden(HiddenStates(self.teacher),
                                      prompt_ids(self.tokenizer, records, self.templates, hint=self.cfg.hint),
                                      rollout, self.tokenizer.pad_token_id)
@@ -393,11 +406,11 @@ class SRPO(Method):
         self.grpo.curriculum, self.distill.curriculum = self.curriculum, None  # one curriculum, the reward's
 
     @torch.no_grad()
-    def score(self, records, rollout, lm_now, acc):
-        pg = self.grpo.score(records, rollout, lm_now, acc)
-        sd = self.distill.score(records, rollout, lm_now, acc)
+    def score(self, records, rollout, lm_now, world: World):
+        pg = self.grpo.score(records, rollout, lm_now, world)
+        sd = self.distill.score(records, rollout, lm_now, world)
         per = len(records)
-        solved = (pg.rewards[acc.process_index * per:(acc.process_index + 1) * per][:, None] > 0).float()
+        solved = (pg.rewards[world.rank * per:(world.rank + 1) * per][:, None] > 0).float()
         pg.weight = pg.weight * solved
         sd.mask = sd.mask * (1 - solved)
         return HybridSignal(pg, sd)
@@ -457,7 +470,7 @@ class Vine(GRPO):
     so at equal rollouts vine takes fewer, better-informed steps than GRPO."""
 
     @torch.no_grad()
-    def score(self, records, rollout, lm_now, acc):
+    def score(self, records, rollout, lm_now, world: World):
         from handrail.models import stop_ids
         from handrail.rollout import sample
         from handrail.steps import delimiter_table, step_ends
@@ -490,10 +503,10 @@ class Vine(GRPO):
             step_advantages(points[i], [mean[i, p] for p in points[i]], int(rollout.completion_mask[i].sum()),
                             rewards[i].item(), T)
             for i in range(B)]).to(device) * rollout.completion_mask
-        weight = pg_token_weights(rollout.completion_mask, cfg.grpo_loss, acc.reduce(rollout.completion_mask.sum(), "sum"),
-                                  B * acc.num_processes, cfg.max_new_tokens)
+        weight = pg_token_weights(rollout.completion_mask, cfg.grpo_loss, world.total(rollout.completion_mask.sum()),
+                                  B * world.size, cfg.max_new_tokens)
         ref_logp = rollout.logprobs if self.reference is None else self._reference_logp(rollout)
-        every = acc.gather(rewards)
+        every = world.gather(rewards)
         self._credited = (adv != 0).float().sum() / rollout.completion_mask.sum().clamp(min=1)
         return PolicySignal(adv, weight, ref_logp, every)
 
@@ -542,7 +555,7 @@ class ExpertIteration(Method):
         rollout.completion_mask *= (self._weights > 0).float()  # the stand-in row of a step that found nothing
         return rollout
 
-    def score(self, records, rollout, lm_now, acc):
+    def score(self, records, rollout, lm_now, world: World):
         return self._weights
 
     def loss(self, head, hidden, rollout, signal):

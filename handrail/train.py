@@ -252,7 +252,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from handrail.methods import METHODS
+    from handrail.methods import METHODS, World
 
     from accelerate.state import AcceleratorState
 
@@ -332,6 +332,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     if cfg.log_with:
         acc.init_trackers(out.name, config=asdict(cfg))
     stops = stop_ids(tokenizer)
+    world = World(acc.process_index, acc.num_processes, acc.gather, lambda t: acc.reduce(t, "sum"))
     rows = _slice(cfg.prompts_per_step * cfg.samples_per_prompt, acc.process_index, acc.num_processes)
     sampling = method.needs_rollouts and cfg.rollout != "logged"
     delimiters = delimiter_table(tokenizer, cfg.step_delimiter)  # to record where each rollout's steps end
@@ -392,7 +393,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         rollout.step_ends = step_ends(rollout.completion_ids, rollout.completion_mask, delimiters)
 
         # 3. score: the per-token signal, with no gradient
-        signal = method.score(local, rollout, lm_now, acc)
+        signal = method.score(local, rollout, lm_now, world)
 
         # 4. loss on completion tokens, normalised by the global token count
         n_tokens = acc.reduce(torch.tensor(float(rollout.n_tokens), device=acc.device), "sum").item()

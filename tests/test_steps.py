@@ -84,12 +84,10 @@ def test_vine_values_are_means_of_their_continuations(tiny_model, monkeypatch):
     """Every continuation solves the problem (a stand-in sampler): each branch point's value is 1,
     so a failed one-line rollout, branched only at its start (twice), gets advantage exactly -1
     on its tokens, and a solved multi-line one gets 0 everywhere."""
-    from accelerate import Accelerator
-
     import handrail.rollout as R
     from handrail.data import records_from_task
     from handrail.evaluate import prompt_ids
-    from handrail.methods import Vine
+    from handrail.methods import Vine, World
     from handrail.models import load_model
     from handrail.rollout import given_rollout
     from handrail.train import TrainConfig
@@ -106,7 +104,7 @@ def test_vine_values_are_means_of_their_continuations(tiny_model, monkeypatch):
     vine = Vine(cfg, lm, tok, templates, task)
     recs = [rec, rec]
     rollout = given_rollout(tok, prompt_ids(tok, recs, templates), ["#### 0", rec.solution])
-    signal = vine.score(recs, rollout, lm, Accelerator(cpu=True))
+    signal = vine.score(recs, rollout, lm, World())
     m = rollout.completion_mask > 0
     assert torch.equal(signal.adv[0][m[0]], torch.full((int(m[0].sum()),), -1.0))
     assert signal.adv[1].abs().sum() == 0

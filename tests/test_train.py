@@ -72,11 +72,9 @@ def test_each_method_runs_and_writes_a_run_folder(tiny_model, tmp_path, kw):
 def test_hybrids_route_each_rollout_by_its_reward(tiny_model):
     """SRPO: a solved rollout gets only the policy gradient, a failed one only distillation. RLSD:
     the teacher scales a token's advantage within 1 +- eps and never flips its sign."""
-    from accelerate import Accelerator
-
     from handrail.data import records_from_task
     from handrail.evaluate import prompt_ids
-    from handrail.methods import RLSD, SRPO
+    from handrail.methods import RLSD, SRPO, World
     from handrail.models import HiddenStates, load_model
     from handrail.rollout import given_rollout
     from handrail.tasks import get_task
@@ -87,7 +85,7 @@ def test_hybrids_route_each_rollout_by_its_reward(tiny_model):
     recs = [rec] * 4
     texts = [rec.solution, rec.solution, "1+1=3\n#### 3", "#### 0"]  # two solved, two failed
     config = cfg(tiny_model, "unused", method="srpo", samples_per_prompt=4, prompts_per_step=1)
-    acc = Accelerator(cpu=True)
+    acc = World()
     srpo = SRPO(config, lm, tok, templates, task)
     rollout = given_rollout(tok, prompt_ids(tok, recs, templates), texts)
     signal = srpo.score(recs, rollout, lm, acc)
