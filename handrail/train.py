@@ -441,7 +441,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
                          if k in ("loss/total", "teacher/kl", "eval/pass@1", "reward/mean")}, refresh=False)
         if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-            _save_checkpoint(acc, out, current_lm(), shards.optimizer_state(opt) if shards else opt.state_dict(),
+            _save_checkpoint(acc, out, current_lm(), lambda: shards.optimizer_state(opt) if shards else opt.state_dict(),
                              method, state, tokenizer, templates, meta)
     bar.close()
     final = out / "model"
@@ -575,9 +575,12 @@ def _load_checkpoint(out: Path, lm, method, device, log) -> tuple[State, dict]:
                      ("; the older ones are damaged too" if len(damaged) > 1 else "; no older checkpoint to fall back to"))
 
 
-def _save_checkpoint(acc, out: Path, lm, opt_state: dict, method, state: State, tokenizer, templates,
+def _save_checkpoint(acc, out: Path, lm, opt_state, method, state: State, tokenizer, templates,
                      meta=None) -> None:
+    """`opt_state()` gives the optimizer's state; sharded, it is a collective every process joins,
+    and it gathers the full state (the checkpoint's memory peak: BENCHMARKS.md §L14)."""
     acc.wait_for_everyone()
+    opt_state = opt_state()
     if acc.is_main_process:
         _check_finite(lm, out)
         tmp, good, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
