@@ -31,6 +31,8 @@ def supported(model) -> bool:
         return False
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return False
+    if model.training and getattr(cfg, "attention_dropout", 0.0):
+        return False  # the forward would drop attention weights; the lean step never does
     for m in model.modules():  # offloading, quantisation or adapters hook in here; their forward is not ours to copy
         if m._forward_hooks or m._forward_pre_hooks:
             return False
@@ -46,9 +48,9 @@ class LeanDecoder:
 
     Keys and values live in buffers with room to grow: appending a column writes in place, where
     concatenating (what transformers' dynamic cache does) copies the whole cache every step — for
-    short sequences that copy was most of a step. Weights are bound once per decoder (they are
-    updated in place by the optimiser, so the binding stays current), and the rotary table is
-    computed once for every position the buffers can hold."""
+    short sequences that copy was most of a step. The weights are looked up once per batch, not
+    through every module's attributes per token, and the rotary table and the padding mask are
+    made once for every position the buffers can hold."""
 
     def __init__(self, model, hf_cache, attn: torch.Tensor, room: int):
         self.model, base, cfg = model, model.model, model.config

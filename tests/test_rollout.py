@@ -157,6 +157,9 @@ def test_lean_step_declines_what_it_does_not_know(tiny_model):
     eager.config._attn_implementation = "eager"
     assert not supported(eager)
     assert not supported(add_lora(load_model(tiny_model)[0], 4, 8, "all-linear"))
+    dropout = load_model(tiny_model)[0].train()
+    dropout.config.attention_dropout = 0.1
+    assert not supported(dropout) and supported(dropout.eval())
     hooked = load_model(tiny_model)[0]
     hooked.model.layers[0].register_forward_hook(lambda *a: None)
     assert not supported(hooked)
