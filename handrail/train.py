@@ -403,8 +403,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         finite = bool(torch.isfinite(loss_sum.detach()) and torch.isfinite(torch.as_tensor(grad_norm)))
         if finite:  # a non-finite step would write NaN into every weight: skip it instead
             opt.step()
-            if shards:
-                shards.refresh()
+        if shards:  # a collective: every process joins it, stepped or not
+            shards.refresh()
+        if finite:
             method.after_step(current_lm())
             state.nonfinite_run = 0
         else:
