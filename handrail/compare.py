@@ -150,10 +150,15 @@ def samples_to_reach(points: list[tuple[int, float]], target: float) -> int | No
 
 
 def mean_curve(curves: list[list[dict]], key: str = "pass@1") -> list[tuple[int, float, float]]:
+    """(samples, mean, sd) over seeds at every sample count where some seed was evaluated, each
+    seed counted at its latest evaluation at or before that count. Runs whose cost varies (expert
+    iteration) are evaluated at different counts, and a run that has ended stays at its last
+    value; runs evaluated at the same counts give exactly those points."""
     out = []
-    for i in range(min(len(c) for c in curves)):
-        vals = [c[i][key] for c in curves]
-        out.append((curves[0][i]["samples"], statistics.mean(vals), statistics.pstdev(vals)))
+    for s in sorted({p["samples"] for c in curves for p in c}):
+        vals = [next((p[key] for p in reversed(c) if p["samples"] <= s), None) for c in curves]
+        if None not in vals:
+            out.append((s, statistics.mean(vals), statistics.pstdev(vals)))
     return out
 
 

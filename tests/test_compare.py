@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from handrail.compare import efficiency_ratio, samples_to_reach
+from handrail.compare import efficiency_ratio, mean_curve, samples_to_reach
 
 
 def run(*args, env=None):
@@ -136,3 +136,15 @@ def test_a_method_spec_carries_its_own_keys_and_grouped_methods_get_groups():
         method_config(c, "self-distill+gate", 0, Path("o"))
     with pytest.raises(ValueError, match="gate"):
         method_config(c, "self-distill+gate=sometimes", 0, Path("o"))
+
+
+def test_mean_curve_aligns_runs_evaluated_at_different_sample_counts():
+    """Runs of varying cost (expert iteration) are evaluated at different counts: each seed counts
+    at its latest evaluation, so the mean never drops a seed's later points; equal grids are kept."""
+    same = [[{"samples": s, "pass@1": v} for s, v in pts] for pts in ([(0, 0.1), (64, 0.5)], [(0, 0.3), (64, 0.7)])]
+    assert mean_curve(same) == [(0, pytest.approx(0.2), pytest.approx(0.1)), (64, pytest.approx(0.6), pytest.approx(0.1))]
+    ragged = [[{"samples": 0, "pass@1": 0.0}, {"samples": 40, "pass@1": 0.4}, {"samples": 90, "pass@1": 0.8}],
+              [{"samples": 0, "pass@1": 0.2}, {"samples": 70, "pass@1": 0.6}]]
+    got = {s: m for s, m, _ in mean_curve(ragged)}
+    assert got == {0: pytest.approx(0.1), 40: pytest.approx(0.3), 70: pytest.approx(0.5), 90: pytest.approx(0.7)}
+    assert max(got.values()) == pytest.approx((0.8 + 0.6) / 2)  # the best is the mean of both ends here

@@ -358,12 +358,26 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("kw,tol", [(dict(grad_checkpointing=True), 1e-5), (dict(mixed_precision="bf16"), 0.05)])
-def test_checkpointing_and_bf16_stay_close_to_fp32(tiny_model, tmp_path, kw, tol):
-    """Gradient checkpointing changes nothing but memory; bf16 autocast gives a finite loss within
-    a few percent of fp32's on the same rollouts (sampling is not autocast, so they are the same)."""
+def test_checkpointing_and_bf16_stay_close_to_fp32(tiny_model, tmp_path, kw, tol, monkeypatch):
+    """Gradient checkpointing changes nothing but memory (and does recompute: each layer runs
+    twice with gradients on, once in forward and once in backward); bf16 autocast gives a finite
+    loss within a few percent of fp32's on the same rollouts (sampling is not autocast, so they
+    are the same)."""
+    from transformers.models.llama import modeling_llama
+
+    # counted inside a layer: transformers checkpoints the layer's own forward, so that must stay
+    calls, forward = {"n": 0}, modeling_llama.LlamaMLP.forward
+
+    def counted(self, *a, **k):
+        calls["n"] += torch.is_grad_enabled()
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
     base = dict(rollouts=16, eval_n=0, checkpoint_every=0, lr=1e-3)
     train(cfg(tiny_model, tmp_path / "fp32", **base), log=lambda *_: None)
+    plain, calls["n"] = calls["n"], 0
     train(cfg(tiny_model, tmp_path / "other", **base, **kw), log=lambda *_: None)
+    assert plain > 0 and calls["n"] == (2 * plain if kw.get("grad_checkpointing") else plain)
     a, b = rows(tmp_path / "fp32")[0], rows(tmp_path / "other")[0]
     assert torch.isfinite(torch.tensor(b["loss/total"])) and b["loss/total"] > 0
     assert b["loss/total"] == pytest.approx(a["loss/total"], rel=tol)
