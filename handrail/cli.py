@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 
@@ -337,12 +338,26 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parser's reading of argv, with key=value overrides accepted anywhere on the line
+    (`--method grpo lr=1e-3 --rollouts 64 samples_per_prompt=4`): argparse alone takes one run of
+    positionals and calls the rest unrecognised."""
+    ap = parser()
+    a, rest = ap.parse_known_args(argv)
+    keys = [r for r in rest if re.match(r"[A-Za-z_]\w*=", r)]
+    if len(keys) < len(rest) or (keys and not hasattr(a, "overrides")):
+        ap.error(f"unrecognized arguments: {' '.join(r for r in rest if r not in keys or not hasattr(a, 'overrides'))}")
+    if keys:
+        a.overrides = list(a.overrides) + keys
+    return a
+
+
 def main(argv: list[str] | None = None) -> int:
     from handrail.data import DataError
     from handrail.models import ModelError
     from handrail.train import NonFinite
 
-    a = parser().parse_args(argv)
+    a = parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _terminated)  # what schedulers send: stop as Ctrl-C does
     from transformers.utils import logging as hf_logging

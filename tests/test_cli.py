@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
@@ -71,3 +73,15 @@ def test_decode_prints_student_and_guided(tiny_model):
     p = handrail("decode", "--model", tiny_model, "--prompt", "12+3", "--solution", "12+3=15\n#### 15")
     assert "--- guided (trust-region)" in p.stdout
     assert handrail("decode", "--model", tiny_model, "--prompt", "x", check=False).returncode == 2
+
+
+def test_key_value_overrides_may_come_anywhere_on_the_line():
+    from handrail.cli import parse
+
+    a = parse(["train", "--model", "m", "lr=1e-3", "--method", "grpo", "samples_per_prompt=4", "--rollouts", "64"])
+    assert a.method == "grpo" and a.rollouts == 64 and a.overrides == ["lr=1e-3", "samples_per_prompt=4"]
+    for argv in (["train", "--model", "m", "lr=1e-3", "--bogus"], ["train", "--model", "m", "lr=1e-3", "--method", "grpo", "stray"],
+                 ["demo", "lr=1e-3"]):
+        with pytest.raises(SystemExit) as e:
+            parse(argv)
+        assert e.value.code == 2
