@@ -160,6 +160,12 @@ def test_lean_step_declines_what_it_does_not_know(tiny_model):
     dropout = load_model(tiny_model)[0].train()
     dropout.config.attention_dropout = 0.1
     assert not supported(dropout) and supported(dropout.eval())
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dynamic = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, attn_implementation="sdpa",
+                                           rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}))
+    assert not supported(dynamic.eval())  # its rope changes with the length seen
     hooked = load_model(tiny_model)[0]
     hooked.model.layers[0].register_forward_hook(lambda *a: None)
     assert not supported(hooked)
