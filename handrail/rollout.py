@@ -106,6 +106,8 @@ class _Stream:
                     use_cache=True, logits_to_keep=1)
         self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
         self.lean = LeanDecoder(model, self.cache, self.attn, room) if LEAN and supported(model) else None
+        if self.lean is not None:
+            self.cache = None  # the lean decoder holds its own copy of the prompt's keys and values
 
     def step(self, tok: torch.Tensor) -> None:
         if self.lean is not None:
