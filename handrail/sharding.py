@@ -22,6 +22,9 @@ import torch
 
 
 class Shards:
+    """The sharded policy (sharded in place by the constructor) and its full-weight copy for
+    sampling, with what the loop needs of them: refresh, gradient clipping, optimizer state."""
+
     def __init__(self, policy, mixed_precision: str = "no"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
