@@ -80,17 +80,15 @@ class LeanDecoder:
         self._make_room(room)
 
     def _make_room(self, room: int) -> None:
-        def grown(t):
-            buf = t.new_empty((*t.shape[:-2], self.n + room, t.shape[-1]) if t.dim() == 4 else (t.shape[0], self.n + room))
-            if t.dim() == 4:
-                buf[..., :self.n, :] = t[..., :self.n, :]
-            else:
-                buf[:, :self.n] = t[:, :self.n]
-                buf[:, self.n:] = 0.0  # every new column is attended (finished rows feed padding)
+        def grown(t, dim):  # t's first n columns along dim, in a zeroed buffer `room` columns longer
+            shape = list(t.shape)
+            shape[dim] = self.n + room
+            buf = t.new_zeros(shape)
+            buf.narrow(dim, 0, self.n).copy_(t.narrow(dim, 0, self.n))
             return buf
 
-        self.keys, self.values = [grown(k) for k in self.keys], [grown(v) for v in self.values]
-        self.mask = grown(self.mask)
+        self.keys, self.values = [grown(k, -2) for k in self.keys], [grown(v, -2) for v in self.values]
+        self.mask = grown(self.mask, -1)  # a new column is 0: attended (finished rows feed padding)
         self.capacity = self.n + room
         pos = torch.arange(self.capacity, device=self.mask.device)[None]
         cos, sin = self.rotary(self.keys[0], position_ids=pos)
