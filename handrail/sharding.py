@@ -80,17 +80,24 @@ def _full(t):
 def by_name(policy, state: dict) -> dict:
     """An optimizer state dict keyed by parameter name; one keyed by position (what an unsharded
     run's optimizer.state_dict() writes) is translated through the policy's parameter order."""
-    if all(isinstance(k, str) for k in state["state"]):
-        return state
-    names = [n for n, p in policy.named_parameters() if p.requires_grad]
-    return {"state": {names[i]: s for i, s in state["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    return state if _named(state) else _rekey(state, dict(enumerate(_trainable(policy))))
 
 
 def by_position(policy, state: dict) -> dict:
     """The inverse of by_name, for an unsharded run resuming a sharded run's checkpoint."""
-    if not all(isinstance(k, str) for k in state["state"]):
-        return state
-    index = {n: i for i, n in enumerate(n for n, p in policy.named_parameters() if p.requires_grad)}
-    return {"state": {index[n]: s for n, s in state["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+    return _rekey(state, {n: i for i, n in enumerate(_trainable(policy))}) if _named(state) else state
+
+
+def _named(state: dict) -> bool:
+    # read from the groups, which always list every parameter (the per-parameter state is empty
+    # until a step has been taken)
+    return isinstance(state["param_groups"][0]["params"][0], str)
+
+
+def _trainable(policy) -> list[str]:
+    return [n for n, p in policy.named_parameters() if p.requires_grad]
+
+
+def _rekey(state: dict, key: dict) -> dict:
+    return {"state": {key[k]: s for k, s in state["state"].items()},
+            "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]}

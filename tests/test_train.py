@@ -416,3 +416,23 @@ def test_expert_iteration_counts_every_searched_sequence(tiny_model, tmp_path):
     assert any(r["search/rows"] > 1 for r in log)
     before, after = weights(tiny_model), weights(out / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_optimizer_state_keys_translate_both_ways_even_before_a_step():
+    from handrail.sharding import by_name, by_position
+
+    policy = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    policy[0].bias.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad])
+    for stepped in (False, True):
+        if stepped:
+            policy(torch.ones(1, 3)).sum().backward()
+            opt.step()
+        state = opt.state_dict()
+        named = by_name(policy, state)
+        assert named["param_groups"][0]["params"] == ["0.weight", "1.weight", "1.bias"]
+        assert set(named["state"]) == ({"0.weight", "1.weight", "1.bias"} if stepped else set())
+        back = by_position(policy, named)
+        assert back["param_groups"][0]["params"] == state["param_groups"][0]["params"]
+        assert back["state"].keys() == state["state"].keys()
+        assert by_name(policy, named) is named and by_position(policy, state) is state
