@@ -436,3 +436,17 @@ def test_optimizer_state_keys_translate_both_ways_even_before_a_step():
         assert back["param_groups"][0]["params"] == state["param_groups"][0]["params"]
         assert back["state"].keys() == state["state"].keys()
         assert by_name(policy, named) is named and by_position(policy, state) is state
+
+
+def test_the_shipped_config_presets_build():
+    """configs/*.yaml are what README points to: each must be a valid TrainConfig preset."""
+    from pathlib import Path
+
+    from handrail.config import build
+
+    presets = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert {p.name for p in presets} >= {"self_distill.yaml", "fsdp.yaml"}
+    for p in presets:
+        built = build(TrainConfig, p, ["model=x"])
+        assert built.model == "x"
+    assert build(TrainConfig, presets[[p.name for p in presets].index("fsdp.yaml")], ["model=x"]).fsdp is True
