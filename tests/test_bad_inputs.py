@@ -32,6 +32,9 @@ def lab(tmp_path_factory, tiny_model):
     (root / "long.jsonl").write_text(json.dumps({"prompt": "1" * 5000, "solution": "x\n#### 1"}) + "\n")
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "badkey.yaml").write_text("nonsense_key: 3\n")
+    (root / "badlr.yaml").write_text("rollouts: 64\nlr: fast\n")
+    (root / "negseed.yaml").write_text("# a comment\nseed: 1\n\nmax_new_tokens: -2\n")
+    (root / "broken.yaml").write_text("rollouts: 64\nmethods: [grpo\n")
     (root / "afile").write_text("x")
     for name, damage in (("truncated", lambda b: b[: len(b) // 2]), ("garbage", lambda b: b"\x00garbage" * 100)):
         folder = root / name
@@ -111,7 +114,11 @@ CASES = [
     ("train --model {model} --out {tmp}/o oops", "oops"),
     ("train --model {model} --out {tmp}/o --config {lab}/missing.yaml", "missing.yaml"),
     ("train --model {model} --out {tmp}/o --config {lab}/list.yaml", "list.yaml"),
-    ("train --model {model} --out {tmp}/o --config {lab}/badkey.yaml", "nonsense_key"),
+    ("train --model {model} --out {tmp}/o --config {lab}/badkey.yaml", "badkey.yaml:1: unknown config key 'nonsense_key'"),
+    ("train --model {model} --out {tmp}/o --config {lab}/badlr.yaml", "badlr.yaml:2: config key 'lr'"),
+    ("train --model {model} --out {tmp}/o --config {lab}/negseed.yaml", "negseed.yaml:4: config key 'max_new_tokens'"),
+    ("train --model {model} --out {tmp}/o --config {lab}/broken.yaml", "broken.yaml:3: not valid YAML"),
+    ("train --model {model} --out {tmp}/o {lab}/badlr.yaml", "--config"),
     ("pretrain --out {tmp}/p max_steps=-5", "max_steps"),
     ("pretrain --out {tmp}/p d_model=30", "d_model"),
     ("pretrain --out {tmp}/p threads=-1", "threads"),
@@ -231,3 +238,16 @@ def test_argument_errors_are_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--rollouts" in err[0]
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_a_value_given_on_the_line_replaces_the_files_and_errors_name_where_a_value_came_from(tmp_path):
+    from handrail import config as C
+    from handrail.train import TrainConfig
+
+    f = tmp_path / "run.yaml"
+    f.write_text("model: m\nlr: fast\nrollouts: 32\n")
+    assert C.build(TrainConfig, f, ["lr=1e-4"]).lr == 1e-4  # the file's bad lr is never read
+    with pytest.raises(C.ConfigError, match=r"run\.yaml:2: config key 'lr'"):
+        C.build(TrainConfig, f)
+    with pytest.raises(C.ConfigError, match=r"^config key 'rollouts'"):  # the line's value: no file blamed
+        C.build(TrainConfig, f, ["lr=1e-4", "rollouts=0"])
