@@ -143,6 +143,8 @@ def load_records(path: str | Path, fields: str | None = None) -> list[Record]:
         import pyarrow.parquet as pq
 
         rows = enumerate(pq.read_table(path).to_pylist(), start=1)
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        rows = _csv_rows(path, "\t" if path.suffix.lower() == ".tsv" else ",")
     else:
         rows = _jsonl_rows(path)
     records, errors = [], []
@@ -173,6 +175,34 @@ def _jsonl_rows(path: Path):
                 yield line, json.loads(text)
             except json.JSONDecodeError as e:
                 yield line, _Bad(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _csv_rows(path: Path, delimiter: str):
+    """Rows of a CSV file with a header line; an empty cell is an absent field. A row is named by
+    the line it starts on (a quoted cell may span lines)."""
+    import csv
+    import io
+
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        yield line, _Bad(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x})")
+        return
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        start = reader.line_num + 1
+        for cells in reader if header else ():
+            if any(c.strip() for c in cells):
+                if len(cells) != len(header):
+                    yield start, _Bad(f"{path}:{start}: {len(cells)} cells, the header has {len(header)}")
+                else:
+                    yield start, {k: v for k, v in zip(header, cells) if v != ""}
+            start = reader.line_num + 1
+    except csv.Error as e:
+        yield reader.line_num, _Bad(f"{path}:{reader.line_num}: not valid CSV ({e})")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from handrail.data import TINY_TEMPLATES, Record, hint_for, load_records, records_from_task, reference_answer
+from handrail.data import TINY_TEMPLATES, DataError, Record, hint_for, load_records, records_from_task, reference_answer
 from handrail.data import student_prompt, teacher_prompt
 from handrail.evaluate import evaluate
 from handrail.models import build_char_tokenizer, build_tiny_model, save_model
@@ -233,6 +233,9 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
         held = {r.source for r in pool[:n_eval]}
         eval_records = pool[:n_eval]
         records = [r for r in records if r.source not in held]
+        if not records:
+            raise DataError(f"{cfg.data}: {len(eval_records)} record(s), all held out for the closing check; "
+                            f"pretraining needs at least 2")
         hard = {r.source for r in pool} - held if chosen else set()
         if hard:
             log(f"{len(hard)} of {len(records)} records, those with at least {min(map(_steps, pool))} solution "

@@ -34,6 +34,7 @@ def lab(tmp_path_factory, tiny_model):
     (root / "badkey.yaml").write_text("nonsense_key: 3\n")
     (root / "badlr.yaml").write_text("rollouts: 64\nlr: fast\n")
     (root / "negseed.yaml").write_text("# a comment\nseed: 1\n\nmax_new_tokens: -2\n")
+    (root / "short.csv").write_text("prompt,solution\n1+1,#### 2\n2+2\n")
     (root / "broken.yaml").write_text("rollouts: 64\nmethods: [grpo\n")
     (root / "afile").write_text("x")
     for name, damage in (("truncated", lambda b: b[: len(b) // 2]), ("garbage", lambda b: b"\x00garbage" * 100)):
@@ -164,6 +165,8 @@ CASES = [
     ("eval --model {model} --data {lab}/long.jsonl", "long.jsonl:1"),
     ("train --model {model} --data {lab}/long.jsonl --out {tmp}/o", "long.jsonl:1"),
     ("train --model {model} --data {lab}/notjson.jsonl --out {tmp}/o", "notjson.jsonl:2"),
+    ("eval --model {model} --data {lab}/short.csv", "short.csv:3"),
+    ("pretrain --data {lab}/good.jsonl --out {tmp}/p max_steps=2", "good.jsonl"),
     # -- output folders
     ("train --model {model} --out {lab}/afile", "afile"),
     ("train --model {model} --out {lab}/afile/under", "afile"),

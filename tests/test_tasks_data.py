@@ -160,6 +160,24 @@ def test_parquet_and_datasets_folder(tmp_path):
     assert load_records(tmp_path / "ds")[0].solution == "#### 2"
 
 
+def test_csv_and_tsv_rows_are_named_by_the_line_they_start_on(tmp_path):
+    f = tmp_path / "d.csv"
+    # a quoted solution spans two lines; an empty cell is an absent field; blank lines are skipped
+    f.write_text('question,answer,note\n"2+2?","2+2=4\n#### 4",\n\n3+3?,#### 6,x\n')
+    recs = load_records(f)
+    assert [(r.prompt, r.solution, r.source) for r in recs] == [
+        ("2+2?", "2+2=4\n#### 4", f"{f}:2"), ("3+3?", "#### 6", f"{f}:5")]
+    f.write_text('prompt,solution\na,#### 1\n"b\nc",\nd\n')
+    with pytest.raises(DataError, match=r"d.csv:3: .*\(1 more bad records\)"):  # no solution; then a short row
+        load_records(f)
+    t = tmp_path / "d.tsv"
+    t.write_text("prompt\tsolution\n1+1?\t#### 2\n")
+    assert load_records(t)[0].solution == "#### 2"
+    t.write_bytes(b"prompt\tsolution\n1+1?\t#### 2\n\xff\tx\n")
+    with pytest.raises(DataError, match=r"d.tsv:3: not UTF-8"):
+        load_records(t)
+
+
 class FakeChatTokenizer:
     chat_template = "yes"
 
