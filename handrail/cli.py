@@ -39,7 +39,7 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
         p.add_argument("--model", required=True, help="HF folder or hub id, a .gguf file, or 'smollm2'")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", help="embedded task (default: chain)")
-    src.add_argument("--data", help="JSONL / Parquet / saved datasets folder")
+    src.add_argument("--data", help="JSONL / CSV / TSV / Parquet / saved datasets folder")
     p.add_argument("--config", help="YAML file of config keys")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
 

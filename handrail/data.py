@@ -1,5 +1,5 @@
 """The data contract: records with a prompt, a privileged reference and an optional answer,
-read from JSONL, Parquet or a saved `datasets` dataset, and rendered into student and teacher
+read from JSONL, CSV/TSV, Parquet or a saved `datasets` dataset, and rendered into student and teacher
 prompts.
 
 A record is `prompt` (a string, or chat `messages`), `solution` (the reference the teacher
