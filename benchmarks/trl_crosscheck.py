@@ -1,7 +1,7 @@
 """handrail beside TRL on the same base folder, task, prompts, verifier and held-out problems.
 
     pip install 'trl==1.16.*'        # only this benchmark needs TRL
-    python benchmarks/trl_crosscheck.py --out runs/trl --seeds 0,1,2 --rollouts 1024
+    python benchmarks/trl_crosscheck.py --out runs/trl --seeds 0,1,2 --rollouts 1024 [--timing-pairs 2]
 
 For each seed, four trainings run one after another in this one process (so the two libraries'
 step times are taken interleaved, on the same threads and the same machine state):
@@ -10,19 +10,23 @@ step times are taken interleaved, on the same threads and the same machine state
   temperature, completion length, beta 0, the loss variant, learning rate, constant schedule);
 - self-distillation at equal rollouts: TRL's experimental `SDFTTrainer` (frozen initial teacher,
   full-vocabulary forward KL, one completion per prompt) and handrail `--method self-distill`
-  with its defaults (the aggregation rule and the divergence gate; `--sd-overrides` to change).
+  with its defaults (the aggregation rule and the divergence gate).
 
 The teacher prompt is handrail's own for both (TRL's template is set so the text is identical).
 Every trained model is saved as a folder and evaluated by handrail's evaluation (what
 `handrail eval` runs) on the same held-out problems, greedy. Step time is the wall time of the
 optimiser steps alone (sampling, teacher pass, loss, update), evaluation excluded, for both.
-Prints a table and writes `results.json` under --out.
+A shared machine's speed drifts (by ±20% between runs of a few seconds, measured), so
+`--timing-pairs N` times N more handrail/TRL pairs per seed, TRL first in every other pair, and
+the ratio printed is the median over all pairs, with its range. Prints a table and writes
+`results.json` under --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -141,6 +145,9 @@ def main():
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="grpo,sdft", help="grpo, sdft or both")
+    ap.add_argument("--timing-pairs", type=int, default=0,
+                    help="per seed and method, this many more handrail/TRL pairs timed (not evaluated), in "
+                         "alternating order; the time ratio is the median over all pairs")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     try:
@@ -155,29 +162,44 @@ def main():
     base_acc = held_out(base, eval_recs, task, a)
     print(f"base {base}: held-out greedy pass@1 {base_acc:.1%} (n={len(eval_recs)}); TRL {trl.__version__}")
     pairs = {"grpo": ("handrail grpo", "TRL GRPOTrainer"), "sdft": ("handrail self-distill", "TRL SDFTTrainer")}
-    results = {name: {"handrail": [], "trl": []} for name in a.only.split(",")}
+    results = {name: {"handrail": [], "trl": [], "pairs": []} for name in a.only.split(",")}
     for seed in map(int, a.seeds.split(",")):
         seed_records = _records(TrainConfig(model=base, task=a.task, seed=seed))[1]  # handrail's for this seed
         for name in results:
-            # handrail and TRL alternate, so slow drift in the machine's speed hits both alike
             kw = (dict(method="grpo", prompts_per_step=16 // a.group_size, samples_per_prompt=a.group_size)
                   if name == "grpo" else dict(method="self-distill", prompts_per_step=16))
-            h = handrail_run(base, out / f"{name}-handrail-s{seed}", seed, a, **kw)
-            t = trl_run(name, base, out / f"{name}-trl-s{seed}", seed, a, task, seed_records, tokenizer, templates)
-            for lib, r in (("handrail", h), ("trl", t)):
-                r["seed"], r["accuracy"] = seed, held_out(r["folder"], eval_recs, task, a)
-                r["step_seconds"] = r["train_seconds"] / max(r["steps"], 1)
-                r["folder"] = str(Path(r["folder"]).relative_to(out))
-                results[name][lib].append(r)
-                print(f"[{name} seed {seed}] {pairs[name][0 if lib == 'handrail' else 1]}: {r['accuracy']:.1%}, "
-                      f"{r['step_seconds']:.3f} s/step over {r['steps']} steps", flush=True)
+            for rep in range(1 + a.timing_pairs):
+                # the two libraries alternate, and every other pair TRL goes first (A B B A), so a slow
+                # drift in the machine's speed hits both alike
+                order = ("handrail", "trl") if rep % 2 == 0 else ("trl", "handrail")
+                runs = {}
+                for lib in order:
+                    dest = out / f"{name}-{lib}-s{seed}" if rep == 0 else out / f"timing-{name}-{lib}-s{seed}-{rep}"
+                    runs[lib] = (handrail_run(base, dest, seed, a, **kw) if lib == "handrail" else
+                                 trl_run(name, base, dest, seed, a, task, seed_records, tokenizer, templates))
+                    runs[lib]["step_seconds"] = runs[lib]["train_seconds"] / max(runs[lib]["steps"], 1)
+                results[name]["pairs"].append({"seed": seed, "order": list(order),
+                                               **{lib: runs[lib]["step_seconds"] for lib in order}})
+                if rep:  # a repeat is for its time only: the same seed trains the same weights
+                    shutil.rmtree(out / f"timing-{name}-handrail-s{seed}-{rep}", ignore_errors=True)
+                    shutil.rmtree(out / f"timing-{name}-trl-s{seed}-{rep}", ignore_errors=True)
+                    print(f"[{name} seed {seed}] timing pair {rep}: handrail {runs['handrail']['step_seconds']:.3f}, "
+                          f"TRL {runs['trl']['step_seconds']:.3f} s/step", flush=True)
+                    continue
+                for lib, r in runs.items():
+                    r["seed"], r["accuracy"] = seed, held_out(r["folder"], eval_recs, task, a)
+                    r["folder"] = str(Path(r["folder"]).relative_to(out))
+                    results[name][lib].append(r)
+                    print(f"[{name} seed {seed}] {pairs[name][0 if lib == 'handrail' else 1]}: {r['accuracy']:.1%}, "
+                          f"{r['step_seconds']:.3f} s/step over {r['steps']} steps", flush=True)
     lines = [f"base {base_acc:.1%}; {a.rollouts} rollouts, lr {a.lr:g}, seeds {a.seeds}; held-out greedy pass@1, "
-             f"n={len(eval_recs)}", "", "| | handrail | TRL | TRL s/step ÷ handrail s/step |", "|---|---|---|---|"]
+             f"n={len(eval_recs)}; time ratio: median over {1 + a.timing_pairs} timed pair(s) per seed, [range]",
+             "", "| | handrail | TRL | TRL s/step ÷ handrail s/step |", "|---|---|---|---|"]
     for name, r in results.items():
-        ratio = [t["step_seconds"] / h["step_seconds"] for h, t in zip(r["handrail"], r["trl"])]
+        ratio = [p["trl"] / p["handrail"] for p in r["pairs"]]
         lines.append(f"| {pairs[name][0]} vs {pairs[name][1]} | {ms([x['accuracy'] for x in r['handrail']])} | "
-                     f"{ms([x['accuracy'] for x in r['trl']])} | {statistics.mean(ratio):.2f} "
-                     f"(per seed {', '.join(f'{x:.2f}' for x in ratio)}) |")
+                     f"{ms([x['accuracy'] for x in r['trl']])} | {statistics.median(ratio):.2f} "
+                     f"[{min(ratio):.2f}–{max(ratio):.2f}] |")
         r["time_ratio"] = ratio
     print("\n".join(lines))
     out.mkdir(parents=True, exist_ok=True)
