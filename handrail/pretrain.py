@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from handrail.cpu import keep_freed_memory
 from handrail.data import TINY_TEMPLATES, DataError, Record, hint_for, load_records, records_from_task, reference_answer
 from handrail.data import student_prompt, teacher_prompt
 from handrail.evaluate import evaluate
@@ -213,6 +214,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # pretraining runs on the CPU (cpu.py)
     try:
         return _pretrain(cfg, log)
     finally:

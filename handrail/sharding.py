@@ -10,8 +10,9 @@ four (weights, gradients, two moments) that unsharded data-parallel training kee
 
 accelerate does not set FSDP up on the CPU (it reports no distributed type there), so this calls
 torch directly; it runs on the CPU with gloo and on GPUs with nccl alike. Gradient clipping and
-the optimizer see DTensors; checkpoints hold full tensors, so a sharded run's checkpoint resumes
-on any number of processes, sharded or not.
+the optimizer see DTensors. A checkpoint's weights are the full copy; its optimizer state is
+written shard by shard by every process (torch.distributed.checkpoint), never gathered whole on
+one, and read back on any number of processes, sharded or not (`load_optimizer`).
 """
 
 from __future__ import annotations
@@ -51,18 +52,30 @@ class Shards:
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.grad is not None], max_norm)
         return float(_full(norm))
 
-    def optimizer_state(self, opt) -> dict:
-        """The optimizer's full state keyed by parameter name (a collective: every process calls it)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    def save_optimizer(self, opt, folder) -> None:
+        """Each process writes its shards of the optimizer state under folder (a collective)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.policy, opt, options=StateDictOptions(full_state_dict=True,
-                                                                                  cpu_offload=True))
+        dcp.save({"optimizer": get_optimizer_state_dict(self.policy, opt)}, checkpoint_id=str(folder))
 
     def load_optimizer_state(self, opt, state: dict) -> None:
+        """A full optimizer state (an unsharded run's optimizer.pt), split into this process's shards."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(self.policy, opt, by_name(self.policy, state),
                                  options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer(policy, opt, folder) -> None:
+    """Read a sharded run's optimizer state (Shards.save_optimizer) into opt, whatever the number
+    of processes now and whether policy is sharded: each process reads the parts it holds."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    template = {"optimizer": get_optimizer_state_dict(policy, opt)}  # shapes and placements to fill
+    dcp.load(template, checkpoint_id=str(folder))
+    set_optimizer_state_dict(policy, opt, template["optimizer"])
 
 
 def decoder_layers(lm) -> list:

@@ -41,7 +41,8 @@ from handrail.evaluate import evaluate, fit_records, prompt_ids, prompt_limit
 from handrail.models import (AdapterOff, HiddenStates, add_lora, first_line, load_model, nonfinite_weight,
                              save_model, stop_ids)
 from handrail.rollout import sample
-from handrail.sharding import Shards, by_position
+from handrail.cpu import keep_freed_memory
+from handrail.sharding import Shards, by_position, load_optimizer
 from handrail.steps import delimiter_table, step_ends
 from handrail.tasks import DEFAULT_TASK, get_task
 from handrail.verifiers import FileTask
@@ -265,6 +266,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                       project_dir=cfg.out if cfg.log_with else None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if acc.device.type == "cpu":
+        keep_freed_memory()  # the same tensors every step: reuse their pages (cpu.py)
     set_seed(cfg.seed)
     out = Path(cfg.out)
     ckpt = next(iter(_checkpoints(out)), None)
@@ -310,7 +313,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     shards = Shards(policy, cfg.mixed_precision) if cfg.fsdp and acc.num_processes > 1 else None
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    if opt_state is not None:
+    if isinstance(opt_state, Path):  # a sharded run's: its shards, read by every process
+        load_optimizer(policy, opt, opt_state)
+    elif opt_state is not None:
         if shards:
             shards.load_optimizer_state(opt, opt_state)
         else:
@@ -329,6 +334,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     def current_lm():
         """The policy's weights as a plain model, for everything but the training forward."""
         return shards.rollout_lm if shards else acc.unwrap_model(policy).lm
+
+    def save_optimizer(folder: Path):  # every process calls it
+        if shards:
+            shards.save_optimizer(opt, folder / "optimizer")  # each its own shards
+        elif acc.is_main_process:
+            torch.save(opt.state_dict(), folder / "optimizer.pt")
     if cfg.log_with:
         acc.init_trackers(out.name, config=asdict(cfg))
     stops = stop_ids(tokenizer)
@@ -442,8 +453,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
                          if k in ("loss/total", "teacher/kl", "eval/pass@1", "reward/mean")}, refresh=False)
         if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-            _save_checkpoint(acc, out, current_lm(), lambda: shards.optimizer_state(opt) if shards else opt.state_dict(),
-                             method, state, tokenizer, templates, meta)
+            _save_checkpoint(acc, out, current_lm(), save_optimizer, method, state, tokenizer, templates, meta)
     bar.close()
     final = out / "model"
     if acc.is_main_process:
@@ -550,10 +560,11 @@ def _checkpoints(out: Path) -> list[Path]:
     return [out / name for name in CHECKPOINTS if (out / name / "state.json").exists()]
 
 
-def _load_checkpoint(out: Path, lm, method, device, log) -> tuple[State, dict]:
+def _load_checkpoint(out: Path, lm, method, device, log) -> tuple[State, dict | Path]:
     """Weights, method and state from the newest checkpoint that loads, and its optimizer state
-    (loaded by the caller once the optimizer exists); a damaged one is named and passed over for
-    the one before it, and if none loads the error names the file."""
+    (loaded by the caller once the optimizer exists: a dict, or a sharded run's folder of shards);
+    a damaged one is named and passed over for the one before it, and if none loads the error
+    names the file."""
     damaged = []
     for c in _checkpoints(out):
         part = c / "state.json"
@@ -561,8 +572,14 @@ def _load_checkpoint(out: Path, lm, method, device, log) -> tuple[State, dict]:
             state = State(**json.loads(part.read_text()))
             part = c / "model"
             lm.load_state_dict(load_model(str(part), device=device)[0].state_dict())
-            part = c / "optimizer.pt"
-            opt_state = torch.load(part, map_location=_storage(device), weights_only=True)
+            if (c / "optimizer").is_dir():  # written shard by shard (sharding.Shards.save_optimizer)
+                part = c / "optimizer" / ".metadata"
+                if not part.is_file():
+                    raise FileNotFoundError("missing")
+                opt_state = c / "optimizer"
+            else:
+                part = c / "optimizer.pt"
+                opt_state = torch.load(part, map_location=_storage(device), weights_only=True)
             part = c / "method.pt"
             method.load_state_dict(torch.load(part, map_location=_storage(device), weights_only=True))
         except Exception as e:  # noqa: BLE001 - any damage: try the previous checkpoint
@@ -576,18 +593,19 @@ def _load_checkpoint(out: Path, lm, method, device, log) -> tuple[State, dict]:
                      ("; the older ones are damaged too" if len(damaged) > 1 else "; no older checkpoint to fall back to"))
 
 
-def _save_checkpoint(acc, out: Path, lm, opt_state, method, state: State, tokenizer, templates,
+def _save_checkpoint(acc, out: Path, lm, save_optimizer, method, state: State, tokenizer, templates,
                      meta=None) -> None:
-    """`opt_state()` gives the optimizer's state; sharded, it is a collective every process joins,
-    and it gathers the full state (the checkpoint's memory peak: BENCHMARKS.md §L14)."""
-    acc.wait_for_everyone()
-    opt_state = opt_state()
+    """`save_optimizer(folder)`, called on every process, writes the optimizer's state into the
+    new checkpoint's folder (sharded, each process writes its shards: none gathers the whole)."""
+    tmp, good, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     if acc.is_main_process:
         _check_finite(lm, out)
-        tmp, good, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    save_optimizer(tmp)
+    if acc.is_main_process:
         save_model(lm, tokenizer, tmp / "model", templates, meta)
-        torch.save(opt_state, tmp / "optimizer.pt")
         torch.save(method.state_dict(), tmp / "method.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks it complete
         if good.exists():

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -255,8 +256,9 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tiny_model, tmp_
 
 def test_two_processes_equal_one(tiny_model, tmp_path):
     """Data-parallel (DDP) and sharded (fsdp=true, FSDP2 on gloo) training on two processes give
-    one process's weights at the same global batch; a sharded run's checkpoint (full tensors, its
-    optimizer state keyed by name) resumes on one process exactly as an unsharded one does."""
+    one process's weights at the same global batch; a sharded run's checkpoint (full weights, its
+    optimizer state in shards) and an unsharded one each resume on one process and sharded on two,
+    all to the same weights."""
     common = ["--model", tiny_model, "--rollouts", "32", "prompts_per_step=8", "max_new_tokens=24",
               "eval_n=8", "train_n=64", "level=2", "eval_every=0", "lr=1e-3", "threads=1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -273,13 +275,23 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
         ra, rb = rows(tmp_path / "one"), rows(tmp_path / name)
         assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb]
         assert ra[-1]["loss/total"] == pytest.approx(rb[-1]["loss/total"], rel=1e-4)
-    assert isinstance(next(iter(torch.load(tmp_path / "fsdp" / "checkpoint" / "optimizer.pt")["state"])), str)
+    # the sharded run's optimizer state is written shard by shard, never gathered into one file
+    assert (tmp_path / "fsdp" / "checkpoint" / "optimizer" / ".metadata").is_file()
+    assert not (tmp_path / "fsdp" / "checkpoint" / "optimizer.pt").exists()
+    # each checkpoint resumes on one process and sharded on two, to the same weights
     for name in ("one", "fsdp"):
+        shutil.copytree(tmp_path / name, tmp_path / f"{name}-sharded")
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "handrail.cli",
+                            "train", "--resume", str(tmp_path / f"{name}-sharded"), "rollouts=48", "fsdp=true"],
+                           capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
         subprocess.run([sys.executable, "-m", "handrail.cli", "train", "--resume", str(tmp_path / name), "rollouts=48"],
                        check=True, capture_output=True, env=env)
-    a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / "fsdp" / "model")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max((a[k] - b[k]).abs().max() for k in a)
-    assert rows(tmp_path / "fsdp")[-1]["step"] == 6
+    a = weights(tmp_path / "one" / "model")
+    for name in ("fsdp", "one-sharded", "fsdp-sharded"):
+        b = weights(tmp_path / name / "model")
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), (name, max((a[k] - b[k]).abs().max() for k in a))
+        assert rows(tmp_path / name)[-1]["step"] == 6
 
 
 def test_sharded_bf16_trains_with_a_finite_loss(tiny_model, tmp_path):
@@ -320,7 +332,6 @@ def test_a_run_that_blows_up_stops_and_never_saves_nan(tiny_model, tmp_path):
 
 
 def test_a_base_with_a_nan_weight_is_refused(tiny_model, tmp_path):
-    import shutil
 
     from safetensors.torch import save_file
 
