@@ -1,25 +1,29 @@
 """Where a training step's time goes: wall-clock timers around each part of the loop.
 
     python benchmarks/step_split.py [--model runs/base] [--method self-distill] [--rollouts 512] [--repeat 2]
+    HANDRAIL_MALLOC=0 python benchmarks/step_split.py      # with glibc's default allocator settings
 
 Each part (sampling, `score` (the teacher pass for self-distillation), the student's forward with
 the loss, backward, the optimizer) is timed by wrapping the function the loop calls, for
 --rollouts of the real loop with the lab's settings (16 completions a step, 64 tokens, 2 threads,
 no evaluation). Timers, not a profiler: cProfile and torch.profiler add per-call costs that
 inflate exactly the small operations being measured. Prints ms per step for each part, per repeat
-(each repeat a fresh run in this process; the machine's speed drifts, so compare within a run).
+(each repeat a fresh run in this process; the machine's speed drifts, so compare within a run),
+and the process's minor page faults per step (what handrail/cpu.py's allocator setting removes).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import resource
 import tempfile
 import time
 
 import torch
 
 import handrail.train as T
+from handrail.cpu import keep_freed_memory
 from handrail.methods import METHODS
 from handrail.run import default_base_model
 
@@ -54,13 +58,17 @@ def main():
     model = a.model or str(default_base_model())
     for r in range(a.repeat):
         spent.clear()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         with tempfile.TemporaryDirectory() as out:
             s = T.train(T.TrainConfig(model=model, out=out, method=a.method, rollouts=a.rollouts, max_new_tokens=64,
                                       eval_n=0, checkpoint_every=0, threads=a.threads), log=lambda *_: None)
         n = s["step"]
         parts = ", ".join(f"{k} {v / n * 1e3:.0f}" for k, v in spent.items())
-        print(f"run {r + 1}: {s['seconds'] / n * 1e3:.0f} ms per step ({n} steps) = {parts} ms, and the rest")
-    print(f"model={model} method={a.method} threads={a.threads} cpu capability={torch.backends.cpu.get_cpu_capability()}")
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
+        print(f"run {r + 1}: {s['seconds'] / n * 1e3:.0f} ms per step ({n} steps) = {parts} ms, and the rest; "
+              f"{faults:.0f} page faults per step")
+    print(f"model={model} method={a.method} threads={a.threads} cpu capability={torch.backends.cpu.get_cpu_capability()} "
+          f"freed memory kept (handrail/cpu.py): {keep_freed_memory()}")
 
 
 if __name__ == "__main__":
