@@ -36,12 +36,12 @@ from handrail.bootstrap import FILE as BOOTSTRAP_FILE
 from handrail.bootstrap import bootstrap, needs_bootstrap
 from handrail.bootstrap import load as load_bootstrap
 from handrail.bootstrap import save as save_bootstrap
+from handrail.cpu import keep_freed_memory
 from handrail.data import load_records, records_from_task, reference_answer
 from handrail.evaluate import evaluate, fit_records, prompt_ids, prompt_limit
 from handrail.models import (AdapterOff, HiddenStates, add_lora, first_line, load_model, nonfinite_weight,
                              save_model, stop_ids)
 from handrail.rollout import sample
-from handrail.cpu import keep_freed_memory
 from handrail.sharding import Shards, by_position, load_optimizer
 from handrail.steps import delimiter_table, step_ends
 from handrail.tasks import DEFAULT_TASK, get_task
