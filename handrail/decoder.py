@@ -43,94 +43,183 @@ def supported(model) -> bool:
     return True
 
 
+# Fusing copies a layer's q/k/v and gate/up weights into one matrix each, per batch (the weights
+# change every step). Worth it where per-call overhead, not arithmetic, is most of a step: small
+# models. Above this many bytes of copies a model keeps its own matrices, so that a large model
+# never pays the memory (tests lower it to try both paths).
+FUSE_BYTES = 64 << 20
+
+
+class _Layer:
+    """One decoder layer's weights, bound once per batch. `qkv` gives the rotated queries and keys
+    of all heads in one tensor, and the values; `mlp` the MLP's output. Fused (FUSE_BYTES), one
+    matrix product gives q, k and v, and rotate_half(q) and rotate_half(k) too: rotate_half is a
+    signed permutation of each head's rows, so those rows are copied into the matrix (exact: a
+    row's dot product does not depend on where the row sits), and the rotary embedding is then
+    two products and a sum, as in the forward. Unfused, the forward's own products."""
+
+    def __init__(self, layer, hd: int, fuse: bool):
+        a, m = layer.self_attn, layer.mlp
+        self.norm1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.norm2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.o, self.down = (a.o_proj.weight, a.o_proj.bias), (m.down_proj.weight, m.down_proj.bias)
+        self.scale, self.hd = a.scaling, hd
+        self.hq, self.hk = a.q_proj.weight.shape[0] // hd, a.k_proj.weight.shape[0] // hd
+        proj = [(p.weight, p.bias) for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)]
+        self.fused = fuse
+        if fuse:
+            q, k, v, g, u = proj
+            self.qkv_w = _cat([q, k, _rotated(q, hd), _rotated(k, hd), v])
+            self.gu_w, self.inner = _cat([g, u]), g[0].shape[0]
+        else:
+            self.q, self.k, self.v, self.gate, self.up = proj
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B*T, d) -> rotated q and k heads (B, T, hq + hk, hd), v heads (B, T, hk, hd), for
+        cos and sin (B, T, 1, hd)."""
+        B, T, hd, nqk = cos.shape[0], cos.shape[1], self.hd, (self.hq + self.hk) * self.hd
+        if self.fused:
+            a = F.linear(x, *self.qkv_w)
+            qk = a[:, :nqk].view(B, T, -1, hd) * cos + a[:, nqk:2 * nqk].view(B, T, -1, hd) * sin
+            return qk, a[:, 2 * nqk:].view(B, T, -1, hd)
+        qk = torch.cat((F.linear(x, *self.q), F.linear(x, *self.k)), -1).view(B, T, -1, hd)
+        return qk * cos + _rotate_half(qk) * sin, F.linear(x, *self.v).view(B, T, -1, hd)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gu = F.linear(x, *self.gu_w)
+            return F.linear(F.silu(gu[:, :self.inner]) * gu[:, self.inner:], *self.down)
+        return F.linear(F.silu(F.linear(x, *self.gate)) * F.linear(x, *self.up), *self.down)
+
+
+def _rotated(proj: tuple, hd: int) -> tuple:
+    """Weights and bias whose output is rotate_half of proj's, head by head."""
+    def rot(t):
+        t = t.view(-1, 2, hd // 2, *t.shape[1:])  # heads, halves, rows
+        return torch.cat((-t[:, 1], t[:, 0]), 1).reshape(-1, *t.shape[3:])
+    return rot(proj[0]), None if proj[1] is None else rot(proj[1])
+
+
+def _cat(projs: list) -> tuple:
+    w = torch.cat([p[0] for p in projs])
+    if all(p[1] is None for p in projs):
+        return w, None
+    return w, torch.cat([p[1] if p[1] is not None else w.new_zeros(p[0].shape[0]) for p in projs])
+
+
 class LeanDecoder:
-    """One model's KV cache after the prompt, advanced one token per `step`.
+    """One model's KV cache, made from the prompt and advanced one token per `step`.
 
     Keys and values live in buffers with room to grow: appending a column writes in place, where
     concatenating (what transformers' dynamic cache does) copies the whole cache every step — for
-    short sequences that copy was most of a step. The weights are looked up once per batch, not
-    through every module's attributes per token, and the rotary table and the padding mask are
-    made once for every position the buffers can hold."""
+    short sequences that copy was most of a step. The weights are bound once per batch (and, for
+    a small model, fused: `_Layer`), not looked up through every module per token, and the rotary
+    table and the padding mask are made once for every position the buffers can hold."""
 
-    def __init__(self, model, hf_cache, attn: torch.Tensor, room: int):
-        self.model, base, cfg = model, model.model, model.config
+    def __init__(self, model, ids: torch.Tensor, attn: torch.Tensor, room: int):
+        base, cfg = model.model, model.config
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.groups = cfg.num_attention_heads // cfg.num_key_value_heads
         self.embed, self.rotary, self.head = base.embed_tokens, base.rotary_emb, (model.lm_head.weight, model.lm_head.bias)
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.layers = []
-        for layer in base.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append((
-                (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias), (a.v_proj.weight, a.v_proj.bias),
-                (a.o_proj.weight, a.o_proj.bias), a.scaling,
-                (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                (m.gate_proj.weight, m.gate_proj.bias), (m.up_proj.weight, m.up_proj.bias),
-                (m.down_proj.weight, m.down_proj.bias)))
-        self.n = attn.shape[1]
+
+        def size(*modules):
+            return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+        copies = sum(2 * size(L.self_attn.q_proj, L.self_attn.k_proj)
+                     + size(L.self_attn.v_proj, L.mlp.gate_proj, L.mlp.up_proj) for L in base.layers)
+        self.layers = [_Layer(layer, self.hd, copies <= FUSE_BYTES) for layer in base.layers]
+        B, P = ids.shape
+        w = base.embed_tokens.weight
+        self.keys = [w.new_zeros(B, L.hk, P + room, self.hd) for L in self.layers]
+        self.values = [w.new_zeros(B, L.hk, P + room, self.hd) for L in self.layers]
+        self.capacity, self.n = P + room, P
+        self._tables()
         # transformers drops the mask when no row is padded, and sdpa then takes another path
         self.padded = not bool(attn.all())
-        self.position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -1:]
-        self.keys = [layer.keys for layer in hf_cache.layers]
-        self.values = [layer.values for layer in hf_cache.layers]
         # sdpa turns a boolean mask into this additive one inside every call; made once here instead
-        self.mask = torch.zeros(attn.shape, dtype=self.keys[0].dtype, device=attn.device).masked_fill_(
-            attn == 0, float("-inf"))
-        self._make_room(room)
+        # (a new column is 0: attended, as finished rows feed padding)
+        self.mask = w.new_zeros(B, self.capacity)
+        self.mask[:, :P].masked_fill_(attn == 0, float("-inf"))
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        self.position = pos[:, -1:]
+        prompt_mask = None
+        if self.padded:  # causal and padding; a padding row that sees nothing sees all (kept finite)
+            see = torch.ones(P, P, dtype=torch.bool, device=attn.device).tril()[None] & attn.bool()[:, None, :]
+            see |= ~see.any(-1, keepdim=True)
+            prompt_mask = w.new_zeros(B, 1, P, P).masked_fill_(~see[:, None], float("-inf"))
+        h = self._layers(F.embedding(ids.reshape(-1), w, self.embed.padding_idx), pos, 0, prompt_mask)
+        self.logits = self._logits(h.view(B, P, -1)[:, -1])
 
-    def _make_room(self, room: int) -> None:
-        def grown(t, dim):  # t's first n columns along dim, in a zeroed buffer `room` columns longer
-            shape = list(t.shape)
-            shape[dim] = self.n + room
-            buf = t.new_zeros(shape)
-            buf.narrow(dim, 0, self.n).copy_(t.narrow(dim, 0, self.n))
-            return buf
-
-        self.keys, self.values = [grown(k, -2) for k in self.keys], [grown(v, -2) for v in self.values]
-        self.mask = grown(self.mask, -1)  # a new column is 0: attended (finished rows feed padding)
-        self.capacity = self.n + room
-        pos = torch.arange(self.capacity, device=self.mask.device)[None]
+    def _tables(self) -> None:
+        pos = torch.arange(self.capacity, device=self.keys[0].device)[None]
         cos, sin = self.rotary(self.keys[0], position_ids=pos)
         self.cos, self.sin = cos[0], sin[0]
+
+    def _make_room(self) -> None:
+        """Double the buffers (amortised: once in a while)."""
+        def grown(t, dim):  # t, then as many zero columns again along dim
+            extra = list(t.shape)
+            extra[dim] = self.capacity
+            return torch.cat([t, t.new_zeros(extra)], dim)
+
+        self.keys, self.values = [grown(k, 2) for k in self.keys], [grown(v, 2) for v in self.values]
+        self.mask = grown(self.mask, 1)
+        self.capacity *= 2
+        self._tables()
+
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, start: int, mask) -> torch.Tensor:
+        """Run h (B*T, d), rows at positions pos (B, T), through every layer, writing the keys and
+        values at buffer columns start..start+T; `mask` is the additive attention mask (or None).
+        Rows stay two-dimensional (the matrix products' own shape) except in attention."""
+        B, T = pos.shape
+        n = start + T
+        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # broadcast over heads
+        for i, w in enumerate(self.layers):
+            qk, v = w.qkv(_rms(h, w.norm1), cos, sin)
+            self.keys[i][:, :, start:n] = qk[:, :, w.hq:].transpose(1, 2)
+            self.values[i][:, :, start:n] = v.transpose(1, 2)
+            o = self._attend(qk[:, :, :w.hq].transpose(1, 2), self.keys[i][:, :, :n], self.values[i][:, :, :n],
+                             mask, w.scale)
+            h = h + F.linear(o.transpose(1, 2).reshape(B * T, -1), *w.o)
+            h = h + w.mlp(_rms(h, w.norm2))
+        return h
+
+    def _attend(self, q, keys, values, mask, scale):
+        """sdpa as transformers calls it (so the same kernel runs): q (B, heads, T, hd)."""
+        causal = mask is None and q.shape[2] > 1
+        if self.groups == 1:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, is_causal=causal)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, keys, values, scale=scale, is_causal=causal, enable_gqa=True)
+        B, H, T, hd = q.shape
+        if T == 1:  # one query token: its heads folded onto their key/value head
+            o = F.scaled_dot_product_attention(q.reshape(B, H // self.groups, self.groups, hd), keys, values,
+                                               attn_mask=mask, scale=scale)
+            return o.reshape(B, H, 1, hd)
+        Hk, n = keys.shape[1], keys.shape[2]
+        keys = keys[:, :, None].expand(B, Hk, self.groups, n, hd).reshape(B, H, n, hd)
+        values = values[:, :, None].expand(B, Hk, self.groups, n, hd).reshape(B, H, n, hd)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms(h, self.norm), *self.head).float()
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """Feed tok (B,) at each row's next position; return float logits (B, V) for the token after."""
         if self.n == self.capacity:
-            self._make_room(self.n)  # double it: amortised
-        n, hd, B = self.n + 1, self.hd, tok.shape[0]
-        self.n, self.position = n, self.position + 1
-        mask = self.mask[:, None, None, :n] if self.padded else None
-        h = F.embedding(tok[:, None], self.embed.weight, self.embed.padding_idx)
-        cos, sin = self.cos[self.position], self.sin[self.position]  # (B, 1, D)
-        cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
-        for i, (n1, wq, wk, wv, wo, scale, n2, wg, wu, wd) in enumerate(self.layers):
-            x = _rms(h, n1)
-            q = F.linear(x, *wq).view(B, 1, -1, hd)
-            k = F.linear(x, *wk).view(B, 1, -1, hd)
-            v = F.linear(x, *wv).view(B, 1, -1, hd)
-            q = (q * cos + _rotate_half(q) * sin).transpose(1, 2)
-            k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)
-            self.keys[i][:, :, n - 1:n] = k
-            self.values[i][:, :, n - 1:n] = v.transpose(1, 2)
-            keys, values = self.keys[i][:, :, :n], self.values[i][:, :, :n]
-            if self.groups == 1:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-            elif mask is None:
-                o = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
-            else:  # as transformers does for one query token: its heads folded onto their key/value head
-                o = F.scaled_dot_product_attention(q.reshape(B, -1, self.groups, hd), keys, values,
-                                                   attn_mask=mask, scale=scale)
-            h = h + F.linear(o.reshape(B, 1, -1), *wo)  # (B, heads, 1, hd) is (B, 1, heads*hd) in memory
-            x = _rms(h, n2)
-            h = h + F.linear(F.silu(F.linear(x, *wg)) * F.linear(x, *wu), *wd)
-        return F.linear(_rms(h, self.norm)[:, 0], *self.head).float()
+            self._make_room()
+        self.n, self.position = self.n + 1, self.position + 1
+        mask = self.mask[:, None, None, :self.n] if self.padded else None
+        h = self._layers(F.embedding(tok, self.embed.weight, self.embed.padding_idx), self.position, self.n - 1, mask)
+        self.logits = self._logits(h)
+        return self.logits
 
 
 def _rms(x: torch.Tensor, norm: tuple) -> torch.Tensor:
     weight, eps = norm
-    if x.dtype == torch.float32:  # transformers' RMSNorm in float32 is these three operations
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    if x.dtype == torch.float32:  # transformers' RMSNorm in float32: the same numbers, one call
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.to(torch.float32)
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 

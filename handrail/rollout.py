@@ -66,7 +66,7 @@ def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
 def gumbel_noise(shape: tuple[int, int], seed: int, step: int, rows: slice, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     u = torch.rand(shape, generator=g)[rows].clamp_(1e-20, 1.0)
-    return (-(-u.log()).log()).to(device)
+    return u.log_().neg_().log_().neg_().to(device)  # -log(-log u), in place
 
 
 def choose(logits_B_V: torch.Tensor, temperature: float, top_p: float, noise_B_V: torch.Tensor | None):
@@ -76,7 +76,7 @@ def choose(logits_B_V: torch.Tensor, temperature: float, top_p: float, noise_B_V
         tok = logits.argmax(-1)
         logp = F.log_softmax(logits, -1)
     else:
-        logp = F.log_softmax(logits / temperature, -1)
+        logp = F.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
         filtered = top_p_filter(logp, top_p)
         noise = noise_B_V if noise_B_V is not None else -torch.empty_like(filtered).exponential_().log()
         tok = (filtered + noise).argmax(-1)
@@ -95,19 +95,20 @@ class Guide:
 
 
 class _Stream:
-    """One model with its own KV cache, advanced one token per step: by decoder.LeanDecoder where
-    the architecture allows (the same logits without the framework's per-call overhead), else by
-    the model's own forward."""
+    """One model with its own KV cache, made from the prompts and advanced one token per step: by
+    decoder.LeanDecoder where the architecture allows (the same logits without the framework's
+    per-call overhead), else by the model's own forward."""
 
     def __init__(self, model, prompts: list[list[int]], pad_id: int, device, room: int = 64):
         self.model = model
         ids, self.attn = left_pad(prompts, pad_id, device)
+        self.lean = LeanDecoder(model, ids, self.attn, room) if LEAN and supported(model) else None
+        if self.lean is not None:
+            self.logits = self.lean.logits
+            return
         out = model(input_ids=ids, attention_mask=self.attn, position_ids=positions(self.attn),
                     use_cache=True, logits_to_keep=1)
         self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
-        self.lean = LeanDecoder(model, self.cache, self.attn, room) if LEAN and supported(model) else None
-        if self.lean is not None:
-            self.cache = None  # the lean decoder holds its own copy of the prompt's keys and values
 
     def step(self, tok: torch.Tensor) -> None:
         if self.lean is not None:
@@ -152,9 +153,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int
             noise = gumbel_noise((global_rows, logits.shape[-1]), seed, step,
                                  slice(row_offset, row_offset + B), device)
         tok, lp = choose(logits, temp, top_p, noise)
-        tok = torch.where(live, tok, torch.full_like(tok, pad_id))
-        tokens.append(tok)
-        logps.append(torch.where(live, lp, torch.zeros_like(lp)))
+        done = ~live
+        tokens.append(tok.masked_fill_(done, pad_id))
+        logps.append(lp.masked_fill_(done, 0.0))
         live = live & ~torch.isin(tok, stops)
         if not live.any():
             break

@@ -128,19 +128,26 @@ def _arch(kind):
 
 def test_lean_step_matches_the_models_forward(tiny_model, monkeypatch):
     """Every architecture the lean step takes, with padded and unpadded batches, past the room
-    its cache was given (so the buffers grow): the same logits as the model's own forward."""
+    its cache was given (so the buffers grow): the same logits as the model's own forward, from
+    the prompt's (the lean prefill) on."""
     import pytest
+
+    import handrail.decoder as D
 
     models = [("tiny", load_model(tiny_model)[0].eval()), ("llama-gqa", _arch("llama-gqa")), ("qwen2", _arch("qwen2")),
               ("bf16", _arch("llama-gqa").to(torch.bfloat16))]
-    for name, model in models:
+    for (name, model), fuse in [(m, f) for m in models for f in (True, False)]:
+        # both ways of binding the weights: fused (small models) and the model's own matrices
+        monkeypatch.setattr(D, "FUSE_BYTES", 1 << 40 if fuse else 0)
+        with torch.no_grad():
+            assert all(w.fused == fuse for w in D.LeanDecoder(model, *left_pad([[3, 4, 5]], 0), 4).layers)
         V = model.config.vocab_size
         for lengths in ((3, 9, 5, 1), (6, 6, 6, 6)):
             prompts = [[(7 * i + j) % (V - 3) + 3 for j in range(n)] for i, n in enumerate(lengths)]
             lean = _stream_logits(model, prompts, True, 40, 8, monkeypatch)
             ref = _stream_logits(model, prompts, False, 40, 8, monkeypatch)
             tol = 1e-2 if name == "bf16" else 1e-5
-            assert torch.allclose(lean, ref, atol=tol, rtol=tol), (name, lengths, (lean - ref).abs().max())
+            assert torch.allclose(lean, ref, atol=tol, rtol=tol), (name, fuse, lengths, (lean - ref).abs().max())
             if lengths[0] == 6:
                 with pytest.raises(AssertionError):  # the comparison can fail: other prompts, other logits
                     other = [[p[0] + 1] + p[1:] for p in prompts]
