@@ -68,7 +68,22 @@ def main():
         print(f"run {r + 1}: {s['seconds'] / n * 1e3:.0f} ms per step ({n} steps) = {parts} ms, and the rest; "
               f"{faults:.0f} page faults per step")
     print(f"model={model} method={a.method} threads={a.threads} cpu capability={torch.backends.cpu.get_cpu_capability()} "
-          f"freed memory kept (handrail/cpu.py): {keep_freed_memory()}")
+          f"freed memory kept (handrail/cpu.py): {keep_freed_memory()}; a page fault costs {fault_cost() * 1e6:.1f} µs here")
+
+
+def fault_cost(mib: int = 200) -> float:
+    """Seconds per page fault: the time to touch every page of fresh anonymous memory, once."""
+    import mmap
+
+    n = mib << 20
+    m = mmap.mmap(-1, n)
+    page = mmap.PAGESIZE
+    faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    for i in range(0, n, page):
+        m[i] = 1
+    t, faults = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    m.close()
+    return t / max(faults, 1)
 
 
 if __name__ == "__main__":
