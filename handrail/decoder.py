@@ -141,7 +141,7 @@ class LeanDecoder:
         # (a new column is 0: attended, as finished rows feed padding)
         self.mask = w.new_zeros(B, self.capacity)
         self.mask[:, :P].masked_fill_(attn == 0, float("-inf"))
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        pos = positions(attn)
         self.position = pos[:, -1:]
         prompt_mask = None
         if self.padded:  # causal and padding; a padding row that sees nothing sees all (kept finite)
@@ -212,8 +212,12 @@ class LeanDecoder:
         self.n, self.position = self.n + 1, self.position + 1
         mask = self.mask[:, None, None, :self.n] if self.padded else None
         h = self._layers(F.embedding(tok, self.embed.weight, self.embed.padding_idx), self.position, self.n - 1, mask)
-        self.logits = self._logits(h)
-        return self.logits
+        return self._logits(h)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each column's position in its row, for left-padded rows (padding at 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _rms(x: torch.Tensor, norm: tuple) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .decoder import LeanDecoder, supported
+from .decoder import LeanDecoder, positions, supported
 
 # HANDRAIL_LEAN_DECODE=0 steps every model by its own forward (the lean step's escape hatch; tests
 # and benchmarks flip LEAN to compare the two)
@@ -46,10 +46,6 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
         ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[i, width - len(s):] = 1
     return ids.to(device), mask.to(device)
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
