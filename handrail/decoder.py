@@ -5,8 +5,8 @@ one-token pass is not arithmetic: the key/value cache is copied whole to append 
 cache objects and output records are built, and every layer is wrapped. `LeanDecoder` runs the
 transformers forward's tensor operations on the same weights, elementwise ones in the same order
 and the same matrix products, and nothing else: its logits match that forward's (to the bit on
-the machines measured, BENCHMARKS.md §L7; tests allow float tolerance). The prompt is still
-encoded by the model's own forward, one call per batch; only the per-token steps come here.
+the machines measured, BENCHMARKS.md §L7; tests allow float tolerance). It encodes the prompt
+too, writing its keys and values straight into the buffers the steps extend.
 
 A model it does not recognise (another architecture, a peft-wrapped, hooked or sharded one,
 another attention implementation, a rope that changes with length) is not `supported`, and the
@@ -56,7 +56,10 @@ class _Layer:
     matrix product gives q, k and v, and rotate_half(q) and rotate_half(k) too: rotate_half is a
     signed permutation of each head's rows, so those rows are copied into the matrix (exact: a
     row's dot product does not depend on where the row sits), and the rotary embedding is then
-    two products and a sum, as in the forward. Unfused, the forward's own products."""
+    two products and a sum, as in the forward. Only one-token steps use the fused matrices: they
+    save calls, which is what a step's time is, while the prompt's encoding (many rows a call) is
+    arithmetic, and the rotated rows would add two thirds to its q/k/v products (measured: the
+    fused prompt encoding was the slower)."""
 
     def __init__(self, layer, hd: int, fuse: bool):
         a, m = layer.self_attn, layer.mlp
@@ -65,28 +68,26 @@ class _Layer:
         self.o, self.down = (a.o_proj.weight, a.o_proj.bias), (m.down_proj.weight, m.down_proj.bias)
         self.scale, self.hd = a.scaling, hd
         self.hq, self.hk = a.q_proj.weight.shape[0] // hd, a.k_proj.weight.shape[0] // hd
-        proj = [(p.weight, p.bias) for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)]
+        self.q, self.k, self.v, self.gate, self.up = (
+            (p.weight, p.bias) for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj))
         self.fused = fuse
         if fuse:
-            q, k, v, g, u = proj
-            self.qkv_w = _cat([q, k, _rotated(q, hd), _rotated(k, hd), v])
-            self.gu_w, self.inner = _cat([g, u]), g[0].shape[0]
-        else:
-            self.q, self.k, self.v, self.gate, self.up = proj
+            self.qkv_w = _cat([self.q, self.k, _rotated(self.q, hd), _rotated(self.k, hd), self.v])
+            self.gu_w, self.inner = _cat([self.gate, self.up]), self.gate[0].shape[0]
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (B*T, d) -> rotated q and k heads (B, T, hq + hk, hd), v heads (B, T, hk, hd), for
         cos and sin (B, T, 1, hd)."""
         B, T, hd, nqk = cos.shape[0], cos.shape[1], self.hd, (self.hq + self.hk) * self.hd
-        if self.fused:
+        if self.fused and T == 1:  # a one-token step
             a = F.linear(x, *self.qkv_w)
             qk = a[:, :nqk].view(B, T, -1, hd) * cos + a[:, nqk:2 * nqk].view(B, T, -1, hd) * sin
             return qk, a[:, 2 * nqk:].view(B, T, -1, hd)
         qk = torch.cat((F.linear(x, *self.q), F.linear(x, *self.k)), -1).view(B, T, -1, hd)
         return qk * cos + _rotate_half(qk) * sin, F.linear(x, *self.v).view(B, T, -1, hd)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+    def mlp(self, x: torch.Tensor, step: bool) -> torch.Tensor:
+        if self.fused and step:
             gu = F.linear(x, *self.gu_w)
             return F.linear(F.silu(gu[:, :self.inner]) * gu[:, self.inner:], *self.down)
         return F.linear(F.silu(F.linear(x, *self.gate)) * F.linear(x, *self.up), *self.down)
@@ -133,7 +134,9 @@ class LeanDecoder:
         w = base.embed_tokens.weight
         self.keys = [w.new_zeros(B, L.hk, P + room, self.hd) for L in self.layers]
         self.values = [w.new_zeros(B, L.hk, P + room, self.hd) for L in self.layers]
-        self.capacity, self.n = P + room, P
+        self.capacity, self.n, self.P = P + room, P, P
+        pos = positions(attn)
+        self.last = pos[:, -1]  # each row's last prompt position
         self._tables()
         # transformers drops the mask when no row is padded, and sdpa then takes another path
         self.padded = not bool(attn.all())
@@ -141,20 +144,23 @@ class LeanDecoder:
         # (a new column is 0: attended, as finished rows feed padding)
         self.mask = w.new_zeros(B, self.capacity)
         self.mask[:, :P].masked_fill_(attn == 0, float("-inf"))
-        pos = positions(attn)
-        self.position = pos[:, -1:]
         prompt_mask = None
         if self.padded:  # causal and padding; a padding row that sees nothing sees all (kept finite)
             see = torch.ones(P, P, dtype=torch.bool, device=attn.device).tril()[None] & attn.bool()[:, None, :]
             see |= ~see.any(-1, keepdim=True)
             prompt_mask = w.new_zeros(B, 1, P, P).masked_fill_(~see[:, None], float("-inf"))
-        h = self._layers(F.embedding(ids.reshape(-1), w, self.embed.padding_idx), pos, 0, prompt_mask)
+        h = self._layers(F.embedding(ids.reshape(-1), w, self.embed.padding_idx),
+                         self.cos[pos][:, :, None], self.sin[pos][:, :, None], 0, prompt_mask)
         self.logits = self._logits(h.view(B, P, -1)[:, -1])
 
     def _tables(self) -> None:
-        pos = torch.arange(self.capacity, device=self.keys[0].device)[None]
-        cos, sin = self.rotary(self.keys[0], position_ids=pos)
+        """The rotary table for every position the buffers hold, and each decoding step's rows of
+        it, (steps, B, 1, 1, hd): a step takes its own with one index, not a gather per step."""
+        pos = torch.arange(self.capacity, device=self.keys[0].device)
+        cos, sin = self.rotary(self.keys[0], position_ids=pos[None])
         self.cos, self.sin = cos[0], sin[0]
+        ahead = self.last[None] + 1 + pos[:self.capacity - self.P, None]
+        self.cos_steps, self.sin_steps = self.cos[ahead][:, :, None, None], self.sin[ahead][:, :, None, None]
 
     def _make_room(self) -> None:
         """Double the buffers (amortised: once in a while)."""
@@ -168,13 +174,12 @@ class LeanDecoder:
         self.capacity *= 2
         self._tables()
 
-    def _layers(self, h: torch.Tensor, pos: torch.Tensor, start: int, mask) -> torch.Tensor:
-        """Run h (B*T, d), rows at positions pos (B, T), through every layer, writing the keys and
-        values at buffer columns start..start+T; `mask` is the additive attention mask (or None).
-        Rows stay two-dimensional (the matrix products' own shape) except in attention."""
-        B, T = pos.shape
+    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, mask) -> torch.Tensor:
+        """Run h (B*T, d), rows with rotary cos and sin (B, T, 1, hd), through every layer, writing
+        the keys and values at buffer columns start..start+T; `mask` is the additive attention mask
+        (or None). Rows stay two-dimensional (the matrix products' own shape) except in attention."""
+        B, T = cos.shape[:2]
         n = start + T
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # broadcast over heads
         for i, w in enumerate(self.layers):
             qk, v = w.qkv(_rms(h, w.norm1), cos, sin)
             self.keys[i][:, :, start:n] = qk[:, :, w.hq:].transpose(1, 2)
@@ -182,7 +187,7 @@ class LeanDecoder:
             o = self._attend(qk[:, :, :w.hq].transpose(1, 2), self.keys[i][:, :, :n], self.values[i][:, :, :n],
                              mask, w.scale)
             h = h + F.linear(o.transpose(1, 2).reshape(B * T, -1), *w.o)
-            h = h + w.mlp(_rms(h, w.norm2))
+            h = h + w.mlp(_rms(h, w.norm2), T == 1)
         return h
 
     def _attend(self, q, keys, values, mask, scale):
@@ -209,9 +214,11 @@ class LeanDecoder:
         """Feed tok (B,) at each row's next position; return float logits (B, V) for the token after."""
         if self.n == self.capacity:
             self._make_room()
-        self.n, self.position = self.n + 1, self.position + 1
+        j = self.n - self.P  # steps taken
+        self.n += 1
         mask = self.mask[:, None, None, :self.n] if self.padded else None
-        h = self._layers(F.embedding(tok, self.embed.weight, self.embed.padding_idx), self.position, self.n - 1, mask)
+        h = self._layers(F.embedding(tok, self.embed.weight, self.embed.padding_idx),
+                         self.cos_steps[j], self.sin_steps[j], self.n - 1, mask)
         return self._logits(h)
 
 

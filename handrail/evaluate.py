@@ -33,7 +33,7 @@ def is_leak(text: str, rec: Record, task: StepArithmeticTask | FileTask | None) 
 def prompt_ids(tokenizer, records: list[Record], templates: Templates, hint: str = "none") -> list[list[int]]:
     texts = [student_prompt(tokenizer, r, templates) if hint == "none"
              else teacher_prompt(tokenizer, r, templates, hint_for(r, hint)) for r in records]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # one call for the batch
 
 
 def prompt_limit(model, max_new_tokens: int) -> int | None:

@@ -199,10 +199,12 @@ class SelfDistill(Method):
     def score(self, records, rollout, lm_now, world: World):
         teacher = self.teacher if self.teacher is not None else lm_now
         was = teacher.training
-        teacher.eval()
+        if was:  # the live policy; a frozen teacher is in eval mode already (switching walks every module)
+            teacher.eval()
         hidden_T = completion_hidden(HiddenStates(teacher), self.teacher_prompts(records), rollout,
                                      self.tokenizer.pad_token_id)
-        teacher.train(was)
+        if was:
+            teacher.train()
         head_T = teacher.get_output_embeddings()
         mask = rollout.completion_mask
         if self.cfg.gate in ("divergence", "point"):

@@ -190,3 +190,14 @@ def test_sampling_is_the_same_with_and_without_the_lean_step(tiny_model, monkeyp
     lean = sample(model, tok, ids, **kw)
     assert lean.texts == ref.texts
     assert torch.allclose(lean.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_a_rollout_can_be_trained_on(tiny_model):
+    """Sampling runs in inference mode; what it returns must be ordinary tensors, which a training
+    forward may save for backward (an inference tensor there is an error)."""
+    model, tok, tpl = load_model(tiny_model)
+    ro = sample(model, tok, _prompts(tok, tpl), max_new_tokens=8, stop_ids=stop_ids(tok), temperature=1.0, seed=0)
+    assert not any(t.is_inference() for t in (ro.completion_ids, ro.completion_mask, ro.logprobs))
+    w = torch.randn(model.config.vocab_size, 4, requires_grad=True)
+    (torch.nn.functional.embedding(ro.completion_ids, w) * ro.completion_mask[..., None]).sum().backward()
+    assert w.grad is not None
