@@ -126,7 +126,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int
     drawn from the aggregate of the student's and the teacher's distributions (two KV caches),
     and `logprobs` are under that aggregate, the distribution actually sampled from."""
     # inference mode: the same kernels as no_grad without its per-call bookkeeping (version counters,
-    # view records), which is a tenth of a small model's decoding step (measured)
+    # view records), 5-23% of a small model's decoding step (benchmarks/decode_modes.py)
     with torch.inference_mode():
         completion, logprobs = _decode(model, tokenizer, prompt_ids, max_new_tokens, stop_ids, temperature,
                                        top_p, seed, row_offset, global_rows, guide)
