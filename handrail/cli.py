@@ -73,12 +73,20 @@ def cmd_eval(a) -> int:
     if a.overrides or a.config:  # eval has flags only: refuse what it would otherwise ignore
         raise C.ConfigError(f"{a.overrides[0] if a.overrides else '--config'}: eval takes flags only "
                             f"(see handrail eval --help), not config keys")
+    if a.completions and (os.path.isdir(a.completions)
+                          or not os.path.isdir(os.path.dirname(os.path.abspath(a.completions)))):
+        raise C.ConfigError(f"--completions: {a.completions} is a folder, or its folder does not exist; give a "
+                            f"file path (checked before evaluating, so no work is lost)")
     task, records = _problems(a)
     model, tokenizer, templates = load_model(a.model, templates=a.templates)
     records = fit_records(tokenizer, records, templates, prompt_limit(model, a.max_new_tokens), a.truncate, (a.hint,))
+    completions = [] if a.completions else None
     res = evaluate(model, tokenizer, templates, records, task=task, hint=a.hint, samples=a.samples,
                    max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                   temperature=a.temperature, seed=a.seed)
+                   temperature=a.temperature, seed=a.seed, completions=completions)
+    if a.completions:
+        with open(a.completions, "w") as f:
+            f.writelines(json.dumps(c) + "\n" for c in completions)
     if a.json:
         print(json.dumps(res))
     else:
@@ -266,6 +274,8 @@ def parser() -> argparse.ArgumentParser:
                                     "(question/answer with ####, and problem/solution with \\boxed{}, need none)")
     p.add_argument("--verifier", default="exact", help="data: exact (default) | math (math-verify) | module:function")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--completions", metavar="FILE",
+                   help="also write each problem's greedy completion as JSONL (problem, completion, correct, leak, answer)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("search", help="step-level pUCT search at test time (or best-of-N at the same accounting)")

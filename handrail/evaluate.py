@@ -83,10 +83,11 @@ def fit_records(tokenizer, records: list[Record], templates: Templates, limit: i
 def evaluate(model, tokenizer, templates: Templates, records: list[Record], *,
              task: StepArithmeticTask | None = None, hint: str = "none", samples: int = 1,
              max_new_tokens: int = 96, batch_size: int = 64, temperature: float = 1.0,
-             seed: int = 0, progress=None) -> dict:
+             seed: int = 0, progress=None, completions: list | None = None) -> dict:
     """Greedy pass@1 (`accuracy`), mean pass@1 over `samples` draws at `temperature`
     (`accuracy_sampled`), the greedy leak rate and greedy tokens per solved problem. `samples=0`
-    skips sampling."""
+    skips sampling. With a `completions` list, each problem's greedy completion is appended to it
+    as a dict (problem, completion, correct, leak, reference answer), in the records' order."""
     was_training = model.training
     model.eval()
     t0, stops = time.time(), stop_ids(tokenizer)
@@ -99,7 +100,11 @@ def evaluate(model, tokenizer, templates: Templates, records: list[Record], *,
         ok = [is_correct(t, r, task) for t, r in zip(g.texts, recs)]
         greedy_ok += sum(ok)
         solved_tokens += sum(n for n, good in zip(g.completion_mask.sum(1).tolist(), ok) if good)
-        leaks += sum(is_leak(t, r, task) for t, r in zip(g.texts, recs))
+        leaked = [is_leak(t, r, task) for t, r in zip(g.texts, recs)]
+        leaks += sum(leaked)
+        if completions is not None:
+            completions += [{"problem": r.text, "completion": t, "correct": bool(c), "leak": bool(lk),
+                             "answer": r.answer} for r, t, c, lk in zip(recs, g.texts, ok, leaked)]
         for k in range(samples):
             s = sample(model, tokenizer, batch, max_new_tokens=max_new_tokens, stop_ids=stops,
                        temperature=temperature, seed=seed * 7919 + k * 104729 + start)

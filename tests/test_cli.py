@@ -32,8 +32,14 @@ def test_pretrain_then_eval_json(tmp_path):
     recipe = json.loads((out / "pretrain_config.json").read_text())
     assert recipe["task"] == "sum" and "out" not in recipe  # shareable: no machine's paths
     res = json.loads(handrail("eval", "--model", str(out), "--task", "sum", "--n", "8",
-                              "--samples", "2", "--json").stdout)
+                              "--samples", "2", "--json", "--completions", str(tmp_path / "c.jsonl")).stdout)
     assert {"accuracy", "accuracy_sampled", "leak_rate", "n"} <= set(res) and res["n"] == 8
+    # the greedy completions behind those figures, one line per problem
+    rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all({"problem", "completion", "correct", "leak", "answer"} <= set(r) for r in rows)
+    assert sum(r["correct"] for r in rows) / 8 == res["accuracy"] and sum(r["leak"] for r in rows) / 8 == res["leak_rate"]
+    p = handrail("eval", "--model", str(out), "--task", "sum", "--n", "8", "--completions", str(tmp_path), check=False)
+    assert p.returncode == 2 and "--completions" in p.stderr and "is a folder" in p.stderr
 
 
 def test_pretrain_on_a_data_file_checks_answers(tmp_path):
