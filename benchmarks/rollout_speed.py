@@ -41,7 +41,7 @@ def main():
 
     def ours(lean):
         def run():
-            rollout.LEAN = lean
+            rollout.decoder.LEAN = lean
             outs[lean] = sample(model, tok, ids, max_new_tokens=a.new, stop_ids=[-1], temperature=1.0, seed=0)
         return run
 

@@ -8,6 +8,10 @@ and the same matrix products, and nothing else: its logits match that forward's 
 the machines measured, BENCHMARKS.md §L7; tests allow float tolerance). It encodes the prompt
 too, writing its keys and values straight into the buffers the steps extend.
 
+`hidden_states` is the same encoding for a whole sequence without gradient (the teacher's pass,
+a reference's), returning the final hidden states of the columns asked for; its last layer works
+only at those columns. The training forward, with gradient, stays the model's own.
+
 A model it does not recognise (another architecture, a peft-wrapped, hooked or sharded one,
 another attention implementation, a rope that changes with length) is not `supported`, and the
 caller keeps the transformers path.
@@ -15,8 +19,14 @@ caller keeps the transformers path.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+# HANDRAIL_LEAN_DECODE=0 runs every model by its own forward, for sampling and passes without
+# gradient alike (the lean paths' escape hatch; tests and benchmarks flip LEAN to compare)
+LEAN = os.environ.get("HANDRAIL_LEAN_DECODE", "1") != "0"
 
 _ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
 
@@ -132,8 +142,9 @@ class LeanDecoder:
         self.layers = [_Layer(layer, self.hd, copies <= FUSE_BYTES) for layer in base.layers]
         B, P = ids.shape
         w = base.embed_tokens.weight
-        self.keys = [w.new_zeros(B, L.hk, P + room, self.hd) for L in self.layers]
-        self.values = [w.new_zeros(B, L.hk, P + room, self.hd) for L in self.layers]
+        # no zeros: attention reads a column only once it is written
+        self.keys = [w.new_empty(B, L.hk, P + room, self.hd) for L in self.layers]
+        self.values = [w.new_empty(B, L.hk, P + room, self.hd) for L in self.layers]
         self.capacity, self.n, self.P = P + room, P, P
         pos = positions(attn)
         self.last = pos[:, -1]  # each row's last prompt position
@@ -144,11 +155,7 @@ class LeanDecoder:
         # (a new column is 0: attended, as finished rows feed padding)
         self.mask = w.new_zeros(B, self.capacity)
         self.mask[:, :P].masked_fill_(attn == 0, float("-inf"))
-        prompt_mask = None
-        if self.padded:  # causal and padding; a padding row that sees nothing sees all (kept finite)
-            see = torch.ones(P, P, dtype=torch.bool, device=attn.device).tril()[None] & attn.bool()[:, None, :]
-            see |= ~see.any(-1, keepdim=True)
-            prompt_mask = w.new_zeros(B, 1, P, P).masked_fill_(~see[:, None], float("-inf"))
+        prompt_mask = _prompt_mask(attn, w.dtype) if self.padded else None
         h = self._layers(F.embedding(ids.reshape(-1), w, self.embed.padding_idx),
                          self.cos[pos][:, :, None], self.sin[pos][:, :, None], 0, prompt_mask)
         self.logits = self._logits(h.view(B, P, -1)[:, -1])
@@ -164,13 +171,15 @@ class LeanDecoder:
 
     def _make_room(self) -> None:
         """Double the buffers (amortised: once in a while)."""
-        def grown(t, dim):  # t, then as many zero columns again along dim
+        def grown(t, dim, new):  # t, then as many columns again along dim
             extra = list(t.shape)
             extra[dim] = self.capacity
-            return torch.cat([t, t.new_zeros(extra)], dim)
+            return torch.cat([t, new(extra)], dim)
 
-        self.keys, self.values = [grown(k, 2) for k in self.keys], [grown(v, 2) for v in self.values]
-        self.mask = grown(self.mask, 1)
+        # keys and values: a column is read only once written; the mask's new columns: attended (0)
+        self.keys = [grown(k, 2, k.new_empty) for k in self.keys]
+        self.values = [grown(v, 2, v.new_empty) for v in self.values]
+        self.mask = grown(self.mask, 1, self.mask.new_zeros)
         self.capacity *= 2
         self._tables()
 
@@ -191,21 +200,7 @@ class LeanDecoder:
         return h
 
     def _attend(self, q, keys, values, mask, scale):
-        """sdpa as transformers calls it (so the same kernel runs): q (B, heads, T, hd)."""
-        causal = mask is None and q.shape[2] > 1
-        if self.groups == 1:
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, is_causal=causal)
-        if mask is None:
-            return F.scaled_dot_product_attention(q, keys, values, scale=scale, is_causal=causal, enable_gqa=True)
-        B, H, T, hd = q.shape
-        if T == 1:  # one query token: its heads folded onto their key/value head
-            o = F.scaled_dot_product_attention(q.reshape(B, H // self.groups, self.groups, hd), keys, values,
-                                               attn_mask=mask, scale=scale)
-            return o.reshape(B, H, 1, hd)
-        Hk, n = keys.shape[1], keys.shape[2]
-        keys = keys[:, :, None].expand(B, Hk, self.groups, n, hd).reshape(B, H, n, hd)
-        values = values[:, :, None].expand(B, Hk, self.groups, n, hd).reshape(B, H, n, hd)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        return _attend(q, keys, values, mask, scale, self.groups)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms(h, self.norm), *self.head).float()
@@ -220,6 +215,70 @@ class LeanDecoder:
         h = self._layers(F.embedding(tok, self.embed.weight, self.embed.padding_idx),
                          self.cos_steps[j], self.sin_steps[j], self.n - 1, mask)
         return self._logits(h)
+
+
+def hidden_states(model, ids: torch.Tensor, attn: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    """The final hidden states (B, span[1], d) at columns span[0]..span[0] + span[1] of the
+    left-padded `ids`, for a pass without gradient (a teacher's, a reference's): the model's
+    decoder operations, as `LeanDecoder` encodes a prompt, with the last layer's attention output,
+    MLP and the final norm computed at the span's columns only (elsewhere they are never read).
+    The same numbers as the model's forward (tests/test_rollout.py), without its per-call framework."""
+    base, cfg = model.model, model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    layers = [_Layer(layer, hd, fuse=False) for layer in base.layers]
+    w = base.embed_tokens.weight
+    B, T = ids.shape
+    start, n = span
+    cos, sin = base.rotary_emb(w, position_ids=positions(attn))
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    # transformers drops the mask where no row is padded and sdpa then runs causal; the last
+    # layer's queries are a suffix, which a causal flag would align to the wrong keys
+    mask = _prompt_mask(attn, w.dtype) if not bool(attn.all()) else None
+    last_mask = mask[:, :, start:start + n] if mask is not None else (
+        w.new_zeros(1, 1, n, T).masked_fill_(~torch.ones(T, T, dtype=torch.bool, device=ids.device)
+                                              .tril()[start:start + n][None, None], float("-inf")))
+    h = F.embedding(ids.reshape(-1), w, base.embed_tokens.padding_idx)
+    for i, L in enumerate(layers):
+        qk, v = L.qkv(_rms(h, L.norm1), cos, sin)
+        keys, values = qk[:, :, L.hq:].transpose(1, 2), v.transpose(1, 2)
+        q = qk[:, :, :L.hq].transpose(1, 2)
+        if i < len(layers) - 1:
+            o = _attend(q, keys, values, mask, L.scale, groups)
+            h = h + F.linear(o.transpose(1, 2).reshape(B * T, -1), *L.o)
+        else:
+            o = _attend(q[:, :, start:start + n], keys, values, last_mask, L.scale, groups)
+            h = h.view(B, T, -1)[:, start:start + n].reshape(B * n, -1) + F.linear(o.transpose(1, 2).reshape(B * n, -1), *L.o)
+        h = h + L.mlp(_rms(h, L.norm2), False)
+    return _rms(h, (base.norm.weight, base.norm.variance_epsilon)).view(B, n, -1)
+
+
+def _prompt_mask(attn: torch.Tensor, dtype) -> torch.Tensor:
+    """The additive (B, 1, T, T) mask for left-padded rows: causal and padding; a padding row that
+    sees nothing sees all (kept finite), as transformers makes it."""
+    T = attn.shape[1]
+    see = torch.ones(T, T, dtype=torch.bool, device=attn.device).tril()[None] & attn.bool()[:, None, :]
+    see |= ~see.any(-1, keepdim=True)
+    return torch.zeros(attn.shape[0], 1, T, T, dtype=dtype, device=attn.device).masked_fill_(~see[:, None], float("-inf"))
+
+
+def _attend(q, keys, values, mask, scale, groups: int):
+    """sdpa as transformers calls it (so the same kernel runs): q (B, heads, Tq, hd), keys and
+    values (B, kv heads, T, hd); no mask means causal (Tq == T)."""
+    causal = mask is None and q.shape[2] > 1
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, is_causal=causal)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale, is_causal=causal, enable_gqa=True)
+    B, H, T, hd = q.shape
+    if T == 1:  # one query token: its heads folded onto their key/value head
+        o = F.scaled_dot_product_attention(q.reshape(B, H // groups, groups, hd), keys, values,
+                                           attn_mask=mask, scale=scale)
+        return o.reshape(B, H, 1, hd)
+    Hk, n = keys.shape[1], keys.shape[2]
+    keys = keys[:, :, None].expand(B, Hk, groups, n, hd).reshape(B, H, n, hd)
+    values = values[:, :, None].expand(B, Hk, groups, n, hd).reshape(B, H, n, hd)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

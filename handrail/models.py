@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from handrail import decoder
 from handrail.data import Templates
 
 HANDRAIL_META = "handrail.json"  # templates and task a tiny model was built for
@@ -268,7 +269,11 @@ class HiddenStates(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, span=None, loss=None):
         """Final hidden states, or the columns `span` = (start, length) of them; with `loss`,
-        `loss(head, hidden)` computed here, inside the module DDP/FSDP/peft wrap."""
+        `loss(head, hidden)` computed here, inside the module DDP/FSDP/peft wrap. A span without
+        gradient (a teacher's or a reference's pass) goes through decoder.hidden_states where the
+        architecture allows: the same numbers, 10% sooner on the lab's model (BENCHMARKS.md §L7)."""
+        if loss is None and span is not None and not torch.is_grad_enabled() and decoder.LEAN and decoder.supported(self.lm):
+            return decoder.hidden_states(self.lm, input_ids, attention_mask, span)
         out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                     position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state

@@ -10,17 +10,13 @@ makes multi-process training reproduce single-process training.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from . import decoder
 from .decoder import LeanDecoder, positions, supported
-
-# HANDRAIL_LEAN_DECODE=0 steps every model by its own forward (the lean step's escape hatch; tests
-# and benchmarks flip LEAN to compare the two)
-LEAN = os.environ.get("HANDRAIL_LEAN_DECODE", "1") != "0"
 
 
 @dataclass
@@ -40,11 +36,9 @@ class Rollout:
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask), both (B, max_len), padded on the left."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+    # one tensor from padded lists, not a copy per row (three of these a step)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     return ids.to(device), mask.to(device)
 
 
@@ -98,7 +92,7 @@ class _Stream:
     def __init__(self, model, prompts: list[list[int]], pad_id: int, device, room: int = 64):
         self.model = model
         ids, self.attn = left_pad(prompts, pad_id, device)
-        self.lean = LeanDecoder(model, ids, self.attn, room) if LEAN and supported(model) else None
+        self.lean = LeanDecoder(model, ids, self.attn, room) if decoder.LEAN and supported(model) else None
         if self.lean is not None:
             self.logits = self.lean.logits
             return

@@ -103,7 +103,7 @@ def test_guided_with_rule_none_follows_the_teacher_exactly(tiny_model):
 def _stream_logits(model, prompts, lean, steps, room, monkeypatch):
     import handrail.rollout as R
 
-    monkeypatch.setattr(R, "LEAN", lean)
+    monkeypatch.setattr(R.decoder, "LEAN", lean)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         s = R._Stream(model, prompts, 0, "cpu", room)
@@ -154,6 +154,42 @@ def test_lean_step_matches_the_models_forward(tiny_model, monkeypatch):
                     assert torch.allclose(_stream_logits(model, other, True, 40, 8, monkeypatch), ref, atol=1e-5)
 
 
+def test_lean_pass_without_gradient_matches_the_models_forward(tiny_model, monkeypatch):
+    """decoder.hidden_states (a teacher's or reference's pass: HiddenStates with a span, no grad)
+    against the model's own forward: every architecture the lean path takes, padded and unpadded
+    rows, spans from one column to all but the first; with a gradient, the model's forward runs."""
+    import handrail.decoder as D
+    from handrail.models import HiddenStates
+    from handrail.rollout import positions
+
+    models = [("tiny", load_model(tiny_model)[0].eval()), ("llama-gqa", _arch("llama-gqa")), ("qwen2", _arch("qwen2")),
+              ("bf16", _arch("llama-gqa").to(torch.bfloat16))]
+    calls = []
+    lean = D.hidden_states
+    monkeypatch.setattr(D, "hidden_states", lambda *a: calls.append(1) or lean(*a))
+    for name, model in models:
+        V, hs = model.config.vocab_size, HiddenStates(model)
+        for lengths in ((3, 12, 7, 1), (12, 12, 12, 12)):
+            T = max(lengths)
+            ids = torch.tensor([[0] * (T - n) + [(5 * i + j) % (V - 3) + 3 for j in range(n)]
+                                for i, n in enumerate(lengths)])
+            attn = (torch.arange(T)[None] >= T - torch.tensor(lengths)[:, None]).long()
+            for span in ((T - 1, 1), (T - 5, 5), (1, T - 1)):
+                with torch.no_grad():
+                    monkeypatch.setattr(D, "LEAN", False)
+                    ref = hs(ids, attn, positions(attn), span=span)
+                    monkeypatch.setattr(D, "LEAN", True)
+                    got = hs(ids, attn, positions(attn), span=span)
+                tol = 1e-2 if name == "bf16" else 1e-5
+                # rows 0..3 at every span column that is a real token (a padding column's state is unused)
+                real = attn[:, span[0]:span[0] + span[1]].bool()
+                assert torch.allclose(got[real], ref[real], atol=tol, rtol=tol), (name, lengths, span)
+    assert len(calls) == 4 * 2 * 3
+    with torch.enable_grad():  # the training forward is the model's own
+        out = HiddenStates(models[0][1])(ids % 19 + 3, attn, positions(attn), span=(1, T - 1))
+    assert out.requires_grad and len(calls) == 4 * 2 * 3
+
+
 def test_lean_step_declines_what_it_does_not_know(tiny_model):
     from handrail.decoder import supported
     from handrail.models import add_lora
@@ -184,9 +220,9 @@ def test_sampling_is_the_same_with_and_without_the_lean_step(tiny_model, monkeyp
     model, tok, tpl = load_model(tiny_model)
     ids = _prompts(tok, tpl)
     kw = dict(max_new_tokens=30, stop_ids=stop_ids(tok), temperature=1.0, seed=5)
-    monkeypatch.setattr(R, "LEAN", False)
+    monkeypatch.setattr(R.decoder, "LEAN", False)
     ref = sample(model, tok, ids, **kw)
-    monkeypatch.setattr(R, "LEAN", True)
+    monkeypatch.setattr(R.decoder, "LEAN", True)
     lean = sample(model, tok, ids, **kw)
     assert lean.texts == ref.texts
     assert torch.allclose(lean.logprobs, ref.logprobs, atol=1e-5)
