@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import replace
 
 import torch
@@ -36,6 +37,27 @@ def prompt_ids(tokenizer, records: list[Record], templates: Templates, hint: str
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # one call for the batch
 
 
+class PromptIds:
+    """`prompt_ids` that tokenizes each record's prompt once per hint: a run draws the same records
+    step after step, and `fit_records` has tokenized every one of them before the first (on the
+    lab's model, tokenizing a step's prompts anew took about 2% of the step, BENCHMARKS.md §L7). At
+    most `budget` tokens are kept (8 bytes each); past that, prompts are tokenized on every call."""
+
+    def __init__(self, tokenizer, templates: Templates, budget: int = 1 << 24):
+        self.tokenizer, self.templates, self.budget = tokenizer, templates, budget
+        self._known: dict = {}  # (id(record), hint) -> (record, ids); the record kept so its id stays its own
+
+    def __call__(self, records: list[Record], hint: str = "none") -> list[list[int]]:
+        new = list({id(r): r for r in records if (id(r), hint) not in self._known}.values())
+        made = dict(zip(map(id, new), prompt_ids(self.tokenizer, new, self.templates, hint)))
+        for r in new:
+            if self.budget >= len(made[id(r)]):
+                self.budget -= len(made[id(r)])
+                self._known[id(r), hint] = (r, array("q", made[id(r)]))
+        return [list(self._known[id(r), hint][1]) if (id(r), hint) in self._known else list(made[id(r)])
+                for r in records]
+
+
 def prompt_limit(model, max_new_tokens: int) -> int | None:
     """How many tokens a prompt may have so that it and `max_new_tokens` fit in the model's
     positions (None: the model states no limit)."""
@@ -44,24 +66,27 @@ def prompt_limit(model, max_new_tokens: int) -> int | None:
 
 
 def fit_records(tokenizer, records: list[Record], templates: Templates, limit: int | None,
-                truncate: str = "error", hints: tuple[str, ...] = ("none", "solution")) -> list[Record]:
+                truncate: str = "error", hints: tuple[str, ...] = ("none", "solution"),
+                ids: PromptIds | None = None) -> list[Record]:
     """Records whose prompts (student, and teacher with each of `hints`) fit in `limit` tokens.
     `error` names the first record that does not; `left` drops the start of its problem text, so
-    the end (usually the question itself) is kept. Nothing is ever sized by an unbounded prompt."""
+    the end (usually the question itself) is kept. Nothing is ever sized by an unbounded prompt.
+    `ids` (PromptIds) keeps the token ids made here for the run that uses the records."""
     if limit is None:
         return records
+    ids = ids or PromptIds(tokenizer, templates, budget=0)
 
     def usable(rec: Record) -> list[str]:
         return [h for h in hints if h == "none" or rec.solution or h == "answer" and rec.answer is not None]
 
     def longest(rec: Record) -> int:
-        return max(len(ids) for h in usable(rec) for ids in prompt_ids(tokenizer, [rec], templates, h))
+        return max(len(p) for h in usable(rec) for p in ids([rec], h))
 
     lengths = [0] * len(records)
     for h in hints:  # one batched tokenizer call per hint, not one per record
         rows = [i for i, rec in enumerate(records) if h in usable(rec)]
-        for i, ids in zip(rows, prompt_ids(tokenizer, [records[i] for i in rows], templates, h)):
-            lengths[i] = max(lengths[i], len(ids))
+        for i, p in zip(rows, ids([records[i] for i in rows], h)):
+            lengths[i] = max(lengths[i], len(p))
     out = list(records)
     for i in (i for i, n in enumerate(lengths) if n > limit):
         rec, n = records[i], lengths[i]

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from handrail.data import reference_answer
-from handrail.evaluate import is_correct, prompt_ids
+from handrail.evaluate import PromptIds, is_correct
 from handrail.models import AdapterOff, HiddenStates
 from handrail.objectives import (chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, fusable,
                                  fused_distill_sum, token_logp)
@@ -105,10 +105,11 @@ class Method:
     needs_solutions = True  # answer-only records get worked solutions first (bootstrap) unless this is False
     rewarded = False  # trains on a verifier's reward, which a curriculum may shape
 
-    def __init__(self, cfg, initial_lm, tokenizer, templates, task):
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts: PromptIds | None = None):
         from handrail import curriculum
 
         self.cfg, self.tokenizer, self.templates, self.task = cfg, tokenizer, templates, task
+        self.prompts = prompts or PromptIds(tokenizer, templates)  # records' prompt ids, tokenized once
         self.curriculum = curriculum.make(cfg)  # reward methods: the reward may change over the run
 
     def reward(self, text: str, record, tokens: int) -> float:
@@ -123,8 +124,7 @@ class Method:
     def given_rollout(self, records, device, lm=None) -> Rollout:
         """Text already written, for training without sampling: by default the logged assistant
         turns of conversation records (rollout=logged)."""
-        return given_rollout(self.tokenizer, prompt_ids(self.tokenizer, records, self.templates),
-                             [r.completion for r in records], device)
+        return given_rollout(self.tokenizer, self.prompts(records), [r.completion for r in records], device)
 
     def student_hidden(self, policy, records, rollout):
         return completion_hidden(policy, rollout.prompt_ids, rollout, self.tokenizer.pad_token_id)
@@ -172,8 +172,8 @@ class SelfDistill(Method):
 
     privileged = True
 
-    def __init__(self, cfg, initial_lm, tokenizer, templates, task):
-        super().__init__(cfg, initial_lm, tokenizer, templates, task)
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
+        super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)
         self.rule = cfg.aggregation_rule()
         self.teacher = None if cfg.teacher == "live" else _frozen_copy(initial_lm)
         # the initial model on the student's own prompt: what rules that measure from the initial
@@ -184,7 +184,7 @@ class SelfDistill(Method):
             self.initial = self.teacher if cfg.teacher == "frozen" else _frozen_copy(initial_lm)
 
     def teacher_prompts(self, records) -> list[list[int]]:
-        return prompt_ids(self.tokenizer, records, self.templates, hint=self.cfg.hint)
+        return self.prompts(records, self.cfg.hint)
 
     def guide(self, records, lm_now):
         if self.cfg.rollout != "guided":
@@ -192,7 +192,7 @@ class SelfDistill(Method):
         teacher = self.teacher if self.teacher is not None else lm_now
         initial = None
         if self.rule.needs_initial:
-            initial = (self.initial, prompt_ids(self.tokenizer, records, self.templates))
+            initial = (self.initial, self.prompts(records))
         return Guide(teacher, self.teacher_prompts(records), self.rule, initial)
 
     @torch.no_grad()
@@ -266,8 +266,8 @@ class GRPO(Method):
     needs_solutions = False  # the reward reads only the answer
     rewarded = True
 
-    def __init__(self, cfg, initial_lm, tokenizer, templates, task, frozen=None):
-        super().__init__(cfg, initial_lm, tokenizer, templates, task)
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None, frozen=None):
+        super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)
         # `frozen`: a frozen copy of the initial model another part of the method already holds
         self.reference = (frozen or _frozen_copy(initial_lm)) if cfg.kl_coef else None
 
@@ -344,7 +344,7 @@ class SFT(Method):
 
     def given_rollout(self, records, device, lm=None) -> Rollout:
         texts = [r.solution or f"#### {reference_answer(r)}" for r in records]
-        return given_rollout(self.tokenizer, prompt_ids(self.tokenizer, records, self.templates), texts, device)
+        return given_rollout(self.tokenizer, self.prompts(records), texts, device)
 
     def score(self, records, rollout, lm_now, world: World):
         return None
@@ -367,8 +367,8 @@ class RLSD(GRPO):
     privileged = True
     needs_solutions = True  # its teacher reads the worked reference
 
-    def __init__(self, cfg, initial_lm, tokenizer, templates, task):
-        super().__init__(cfg, initial_lm, tokenizer, templates, task)
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
+        super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)
         # the KL reference, when kl_coef asks for one, is the same initial model: share it
         self.teacher = self.reference if self.reference is not None else _frozen_copy(initial_lm)
 
@@ -376,7 +376,7 @@ class RLSD(GRPO):
     def score(self, records, rollout, lm_now, world: World):
         signal = super().score(records, rollout, lm_now, world)
         hidden_T = completion_hidden(HiddenStates(self.teacher),
-                                     prompt_ids(self.tokenizer, records, self.templates, hint=self.cfg.hint),
+                                     self.prompts(records, self.cfg.hint),
                                      rollout, self.tokenizer.pad_token_id)
         lp_T = _token_logps(hidden_T, self.teacher.get_output_embeddings(), rollout.completion_ids,
                             self.cfg.temperature, self.cfg.chunk_size)
@@ -399,11 +399,11 @@ class SRPO(Method):
     privileged = True
     rewarded = True
 
-    def __init__(self, cfg, initial_lm, tokenizer, templates, task):
-        super().__init__(cfg, initial_lm, tokenizer, templates, task)
-        self.distill = SelfDistill(cfg, initial_lm, tokenizer, templates, task)
+    def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
+        super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)
+        self.distill = SelfDistill(cfg, initial_lm, tokenizer, templates, task, self.prompts)
         # GRPO's KL reference (kl_coef) is the initial model, which a frozen teacher already is
-        self.grpo = GRPO(cfg, initial_lm, tokenizer, templates, task,
+        self.grpo = GRPO(cfg, initial_lm, tokenizer, templates, task, self.prompts,
                          frozen=self.distill.teacher if cfg.teacher == "frozen" else None)
         self.grpo.curriculum, self.distill.curriculum = self.curriculum, None  # one curriculum, the reward's
 
@@ -540,7 +540,7 @@ class ExpertIteration(Method):
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, delimiter=cfg.step_delimiter))
         with torch.no_grad():
             problems = searcher.search([Problem(r, ids) for r, ids in
-                                        zip(records, prompt_ids(self.tokenizer, records, self.templates))])
+                                        zip(records, self.prompts(records))])
         self.spent = searcher.sequences
         rows = []  # (prompt ids, completion ids, weight)
         for p in problems:

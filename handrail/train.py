@@ -38,7 +38,7 @@ from handrail.bootstrap import load as load_bootstrap
 from handrail.bootstrap import save as save_bootstrap
 from handrail.cpu import keep_freed_memory
 from handrail.data import load_records, records_from_task, reference_answer
-from handrail.evaluate import evaluate, fit_records, prompt_ids, prompt_limit
+from handrail.evaluate import PromptIds, evaluate, fit_records, prompt_limit
 from handrail.models import (AdapterOff, HiddenStates, add_lora, first_line, load_model, nonfinite_weight,
                              save_model, stop_ids)
 from handrail.rollout import sample
@@ -286,7 +286,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     initial, tokenizer, templates = load_model(cfg.model, device=acc.device, templates=cfg.templates)
     limit = prompt_limit(initial, cfg.max_new_tokens)
     hints = ("none", cfg.hint) if METHODS[cfg.method].privileged else ("none",)
-    train_recs = fit_records(tokenizer, train_recs, templates, limit, cfg.truncate, hints)
+    prompts = PromptIds(tokenizer, templates)  # each record tokenized once, here, for the whole run
+    train_recs = fit_records(tokenizer, train_recs, templates, limit, cfg.truncate, hints, prompts)
     eval_recs = fit_records(tokenizer, eval_recs, templates, limit, cfg.truncate, ("none",))
     curriculum_recs = fit_records(tokenizer, curriculum_recs, templates, limit, cfg.truncate, ("none",))
     meta = None
@@ -303,7 +304,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = HiddenStates(lm).train()
-    method = METHODS[cfg.method](cfg, initial, tokenizer, templates, check)  # copies what it keeps
+    method = METHODS[cfg.method](cfg, initial, tokenizer, templates, check, prompts)  # copies what it keeps
     state, opt_state = State(), None
     if ckpt:
         state, opt_state = _load_checkpoint(out, lm, method, acc.device, log)
@@ -397,7 +398,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         lm_now = current_lm()
         lm_now.eval()
         if sampling:
-            rollout = sample(lm_now, tokenizer, prompt_ids(tokenizer, local, templates),
+            rollout = sample(lm_now, tokenizer, method.prompts(local),
                              max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
                              temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=cfg.seed * 100_003 + state.step, row_offset=rows.start,

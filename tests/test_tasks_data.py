@@ -287,3 +287,33 @@ def test_sum_detours_include_other_orders_and_slips():
     assert kinds == {True, False}  # slips (with an unlearned value) and other orders (all learned)
     for (_, c, _), rec in zip(ex, recs):
         assert task.verify(tok.decode(c, skip_special_tokens=True), tok.decode(c, skip_special_tokens=True).rsplit("#### ", 1)[1])
+
+
+class CountingTokenizer:
+    """Character codes as token ids; counts the texts it is asked to tokenize."""
+    chat_template = None
+
+    def __init__(self):
+        self.texts = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        self.texts += len(texts)
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
+def test_prompt_ids_are_made_once_per_record_and_hint_within_the_budget():
+    from handrail.evaluate import PromptIds, prompt_ids
+
+    tok, t = CountingTokenizer(), Templates(student="Q {prompt}", teacher="Q {prompt} H {solution}")
+    recs = [Record(f"{i}+{i}", f"#### {2 * i}") for i in range(5)]
+    ids = PromptIds(tok, t)
+    batch = [recs[0], recs[3], recs[0], recs[3]]  # a group's record comes back within one batch, too
+    assert ids(batch) == prompt_ids(tok, batch, t) and tok.texts == 2 + 4
+    assert ids(batch, "solution") == prompt_ids(tok, batch, t, "solution")
+    before = tok.texts
+    got = ids(batch)
+    got[0].append(-1)  # a caller's edit reaches no other caller
+    assert ids(batch) == prompt_ids(tok, batch, t) and tok.texts == before + 4  # (+4: the reference's own calls)
+    small = PromptIds(tok, t, budget=len("Q 0+0"))  # room for one prompt: the rest tokenized per call
+    assert small(recs[:2]) == small(recs[:2]) == prompt_ids(tok, recs[:2], t)
+    assert list(small._known) == [(id(recs[0]), "none")]
