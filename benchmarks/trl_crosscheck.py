@@ -1,10 +1,13 @@
 """handrail beside TRL on the same base folder, task, prompts, verifier and held-out problems.
 
     pip install 'trl==1.16.*'        # only this benchmark needs TRL
-    python benchmarks/trl_crosscheck.py --out runs/trl --seeds 0,1,2 --rollouts 1024 [--timing-pairs 2]
+    python benchmarks/trl_crosscheck.py --out runs/trl --seeds 0,1,2 --rollouts 1024 [--timing-pairs 2] [--process shared]
 
-For each seed, four trainings run one after another in this one process (so the two libraries'
-step times are taken interleaved, on the same threads and the same machine state):
+For each seed, four trainings run one after another, each in a fresh process by default
+(`--process each`: each library as it ships, on the same threads, interleaved so both meet the
+same machine state), or all in this one (`--process shared`: once handrail has trained, TRL runs
+on the allocator settings handrail sets for itself, handrail/cpu.py, so the ratio compares the
+two libraries' step code alone):
 
 - GRPO at identical settings: TRL `GRPOTrainer` and handrail `--method grpo` (prompts x G,
   temperature, completion length, beta 0, the loss variant, learning rate, constant schedule);
@@ -12,7 +15,8 @@ step times are taken interleaved, on the same threads and the same machine state
   full-vocabulary forward KL, one completion per prompt) and handrail `--method self-distill`
   with its defaults (the aggregation rule and the divergence gate).
 
-The teacher prompt is handrail's own for both (TRL's template is set so the text is identical).
+Neither library recomputes activations in backward (TRL's configs default to
+`gradient_checkpointing=True`, which is set off here: equal work). The teacher prompt is handrail's own for both (TRL's template is set so the text is identical).
 Every trained model is saved as a folder and evaluated by handrail's evaluation (what
 `handrail eval` runs) on the same held-out problems, greedy. Step time is the wall time of the
 optimiser steps alone (sampling, teacher pass, loss, update), evaluation excluded, for both.
@@ -28,6 +32,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -95,7 +100,7 @@ def trl_run(kind: str, base: str, out: Path, seed: int, a, task, records, tokeni
                   warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=a.rollouts // 16,
                   max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, seed=seed,
                   report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=True, bf16=False,
-                  gradient_accumulation_steps=1, disable_dropout=True)
+                  gradient_accumulation_steps=1, disable_dropout=True, gradient_checkpointing=False)
     model = AutoModelForCausalLM.from_pretrained(base)
     clock = StepClock.make()
     if kind == "grpo":
@@ -124,6 +129,32 @@ def trl_run(kind: str, base: str, out: Path, seed: int, a, task, records, tokeni
     return {"folder": str(folder), "steps": clock.steps, "train_seconds": clock.seconds}
 
 
+def train_here(lib: str, name: str, base: str, dest: Path, seed: int, a) -> dict:
+    if lib == "handrail":
+        kw = (dict(method="grpo", prompts_per_step=16 // a.group_size, samples_per_prompt=a.group_size)
+              if name == "grpo" else dict(method="self-distill", prompts_per_step=16))
+        return handrail_run(base, dest, seed, a, **kw)
+    task, records, _ = _records(TrainConfig(model=base, task=a.task, seed=seed))  # handrail's for this seed
+    _, tokenizer, templates = load_model(base)
+    return trl_run(name, base, dest, seed, a, task, records, tokenizer, templates)
+
+
+def one_training(lib: str, name: str, base: str, dest: Path, seed: int, a) -> dict:
+    """One library's training: in a fresh process (`--process each`: each library as it ships, on
+    glibc's allocator settings or the ones handrail sets for itself, handrail/cpu.py), or in this one
+    (`shared`: once handrail has trained here, TRL runs on handrail's allocator settings too)."""
+    if a.process == "shared":
+        return train_here(lib, name, base, dest, seed, a)
+    args = [sys.executable, __file__, "--worker", lib, "--kind", name, "--worker-seed", str(seed),
+            "--out", str(dest), "--base", base, "--task", a.task, "--rollouts", str(a.rollouts), "--lr", str(a.lr),
+            "--group-size", str(a.group_size), "--max-new-tokens", str(a.max_new_tokens),
+            "--threads", str(a.threads)]
+    done = subprocess.run(args, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"trl_crosscheck: the {lib} {name} training (seed {seed}) failed with exit status {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def held_out(folder: str, records, task, a) -> float:
     lm, tok, templates = load_model(folder)
     return evaluate(lm, tok, templates, records, task=task, max_new_tokens=a.max_new_tokens)["accuracy"]
@@ -148,26 +179,32 @@ def main():
     ap.add_argument("--timing-pairs", type=int, default=0,
                     help="per seed and method, this many more handrail/TRL pairs timed (not evaluated), in "
                          "alternating order; the time ratio is the median over all pairs")
+    ap.add_argument("--process", choices=("each", "shared"), default="each",
+                    help="each: every training in a fresh process, each library as it ships (default); shared: "
+                         "all in this one, so TRL also runs on the allocator settings handrail sets (handrail/cpu.py)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--worker", choices=("handrail", "trl"), help=argparse.SUPPRESS)  # one training, for --process each
+    ap.add_argument("--kind", choices=("grpo", "sdft"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     try:
         import trl
     except ImportError:
         sys.exit("trl_crosscheck: TRL is not installed; pip install 'trl==1.16.*'")
     torch.set_num_threads(a.threads)
+    if a.worker:
+        r = train_here(a.worker, a.kind, a.base, Path(a.out), a.worker_seed, a)
+        print(json.dumps(r))
+        return
     base = a.base or str(default_base_model())
     out = Path(a.out)
-    task, train_recs, eval_recs = _records(TrainConfig(model=base, task=a.task, eval_n=a.eval_n))
-    _, tokenizer, templates = load_model(base)
+    task, _, eval_recs = _records(TrainConfig(model=base, task=a.task, eval_n=a.eval_n))
     base_acc = held_out(base, eval_recs, task, a)
     print(f"base {base}: held-out greedy pass@1 {base_acc:.1%} (n={len(eval_recs)}); TRL {trl.__version__}")
     pairs = {"grpo": ("handrail grpo", "TRL GRPOTrainer"), "sdft": ("handrail self-distill", "TRL SDFTTrainer")}
     results = {name: {"handrail": [], "trl": [], "pairs": []} for name in a.only.split(",")}
     for seed in map(int, a.seeds.split(",")):
-        seed_records = _records(TrainConfig(model=base, task=a.task, seed=seed))[1]  # handrail's for this seed
         for name in results:
-            kw = (dict(method="grpo", prompts_per_step=16 // a.group_size, samples_per_prompt=a.group_size)
-                  if name == "grpo" else dict(method="self-distill", prompts_per_step=16))
             for rep in range(1 + a.timing_pairs):
                 # the two libraries alternate, and every other pair TRL goes first (A B B A), so a slow
                 # drift in the machine's speed hits both alike
@@ -175,8 +212,7 @@ def main():
                 runs = {}
                 for lib in order:
                     dest = out / f"{name}-{lib}-s{seed}" if rep == 0 else out / f"timing-{name}-{lib}-s{seed}-{rep}"
-                    runs[lib] = (handrail_run(base, dest, seed, a, **kw) if lib == "handrail" else
-                                 trl_run(name, base, dest, seed, a, task, seed_records, tokenizer, templates))
+                    runs[lib] = one_training(lib, name, base, dest, seed, a)
                     runs[lib]["step_seconds"] = runs[lib]["train_seconds"] / max(runs[lib]["steps"], 1)
                 results[name]["pairs"].append({"seed": seed, "order": list(order),
                                                **{lib: runs[lib]["step_seconds"] for lib in order}})
@@ -193,7 +229,8 @@ def main():
                     print(f"[{name} seed {seed}] {pairs[name][0 if lib == 'handrail' else 1]}: {r['accuracy']:.1%}, "
                           f"{r['step_seconds']:.3f} s/step over {r['steps']} steps", flush=True)
     lines = [f"base {base_acc:.1%}; {a.rollouts} rollouts, lr {a.lr:g}, seeds {a.seeds}; held-out greedy pass@1, "
-             f"n={len(eval_recs)}; time ratio: median over {1 + a.timing_pairs} timed pair(s) per seed, [range]",
+             f"n={len(eval_recs)}; time ratio: median over {1 + a.timing_pairs} timed pair(s) per seed, [range]; "
+             f"process: {a.process}",
              "", "| | handrail | TRL | TRL s/step ÷ handrail s/step |", "|---|---|---|---|"]
     for name, r in results.items():
         ratio = [p["trl"] / p["handrail"] for p in r["pairs"]]
