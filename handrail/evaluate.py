@@ -39,9 +39,8 @@ def prompt_ids(tokenizer, records: list[Record], templates: Templates, hint: str
 
 class PromptIds:
     """`prompt_ids` that tokenizes each record's prompt once per hint: a run draws the same records
-    step after step, and `fit_records` has tokenized every one of them before the first (on the
-    lab's model, tokenizing a step's prompts anew took about 2% of the step, BENCHMARKS.md §L7). At
-    most `budget` tokens are kept (8 bytes each); past that, prompts are tokenized on every call."""
+    step after step, and `fit_records` has tokenized every one of them before the first. At most
+    `budget` tokens are kept (8 bytes each); past that, prompts are tokenized on every call."""
 
     def __init__(self, tokenizer, templates: Templates, budget: int = 1 << 24):
         self.tokenizer, self.templates, self.budget = tokenizer, templates, budget
