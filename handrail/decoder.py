@@ -217,9 +217,10 @@ class LeanDecoder:
         return self._logits(h)
 
 
-def hidden_states(model, ids: torch.Tensor, attn: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+def hidden_states(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
+                  span: tuple[int, int]) -> torch.Tensor:
     """The final hidden states (B, span[1], d) at columns span[0]..span[0] + span[1] of the
-    left-padded `ids`, for a pass without gradient (a teacher's, a reference's): the model's
+    left-padded `ids` at positions `pos`, for a pass without gradient (a teacher's, a reference's): the model's
     decoder operations, as `LeanDecoder` encodes a prompt, with the last layer's attention output,
     MLP and the final norm computed at the span's columns only (elsewhere they are never read).
     The same numbers as the model's forward (tests/test_rollout.py), without its per-call framework."""
@@ -230,7 +231,7 @@ def hidden_states(model, ids: torch.Tensor, attn: torch.Tensor, span: tuple[int,
     w = base.embed_tokens.weight
     B, T = ids.shape
     start, n = span
-    cos, sin = base.rotary_emb(w, position_ids=positions(attn))
+    cos, sin = base.rotary_emb(w, position_ids=pos)
     cos, sin = cos[:, :, None], sin[:, :, None]
     # transformers drops the mask where no row is padded and sdpa then runs causal; the last
     # layer's queries are a suffix, which a causal flag would align to the wrong keys

@@ -273,7 +273,7 @@ class HiddenStates(torch.nn.Module):
         gradient (a teacher's or a reference's pass) goes through decoder.hidden_states where the
         architecture allows: the same numbers, about 15% sooner on the lab's model (BENCHMARKS.md §L7)."""
         if loss is None and span is not None and not torch.is_grad_enabled() and decoder.LEAN and decoder.supported(self.lm):
-            return decoder.hidden_states(self.lm, input_ids, attention_mask, span)
+            return decoder.hidden_states(self.lm, input_ids, attention_mask, position_ids, span)
         out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                     position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state
