@@ -234,11 +234,10 @@ def hidden_states(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tenso
     cos, sin = base.rotary_emb(w, position_ids=pos)
     cos, sin = cos[:, :, None], sin[:, :, None]
     # transformers drops the mask where no row is padded and sdpa then runs causal; the last
-    # layer's queries are a suffix, which a causal flag would align to the wrong keys
-    mask = _prompt_mask(attn, w.dtype) if not bool(attn.all()) else None
-    last_mask = mask[:, :, start:start + n] if mask is not None else (
-        w.new_zeros(1, 1, n, T).masked_fill_(~torch.ones(T, T, dtype=torch.bool, device=ids.device)
-                                              .tril()[start:start + n][None, None], float("-inf")))
+    # layer's queries are a suffix, which a causal flag would align to the wrong keys, so it
+    # always gets the mask's rows
+    full = _prompt_mask(attn, w.dtype)
+    mask, last_mask = (full if not bool(attn.all()) else None), full[:, :, start:start + n]
     h = F.embedding(ids.reshape(-1), w, base.embed_tokens.padding_idx)
     for i, L in enumerate(layers):
         qk, v = L.qkv(_rms(h, L.norm1), cos, sin)
