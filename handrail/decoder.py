@@ -4,13 +4,14 @@ Sampling spends most of its time in one-token forward passes, and for a small mo
 one-token pass is not arithmetic: the key/value cache is copied whole to append a column, masks,
 cache objects and output records are built, and every layer is wrapped. `LeanDecoder` runs the
 transformers forward's tensor operations on the same weights, elementwise ones in the same order
-and the same matrix products, and nothing else: its logits match that forward's (to the bit on
-the machines measured, BENCHMARKS.md §L7; tests allow float tolerance). It encodes the prompt
-too, writing its keys and values straight into the buffers the steps extend.
+and the same matrix products, and nothing else; attention over a short float32 sequence is
+computed directly rather than by sdpa's kernel (MATH_KEYS), so its logits match that forward's
+to float rounding (tests hold them to 1e-5). It encodes the prompt too, writing its keys and
+values straight into the buffers the steps extend.
 
-`hidden_states` is the same encoding for a whole sequence without gradient (the teacher's pass,
-a reference's), returning the final hidden states of the columns asked for; its last layer works
-only at those columns. The training forward, with gradient, stays the model's own.
+`hidden_states` is the same encoding for a whole sequence (the teacher's pass, a reference's, and
+the student's training forward, with gradient), returning the final hidden states of the columns
+asked for; its last layer works only at those columns.
 
 A model it does not recognise (another architecture, a peft-wrapped, hooked or sharded one,
 another attention implementation, a rope that changes with length) is not `supported`, and the
@@ -51,6 +52,12 @@ def supported(model) -> bool:
     if "dynamic" in getattr(model.model.rotary_emb, "rope_type", "default"):
         return False  # its frequencies change with the length seen: no table computed once
     return True
+
+
+def checkpointing(model) -> bool:
+    """Whether the model recomputes its layers' activations in backward (transformers' flag, under
+    either of its names): only its own forward does that."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 # Fusing copies a layer's q/k/v and gate/up weights into one matrix each, per batch (the weights
@@ -220,10 +227,11 @@ class LeanDecoder:
 def hidden_states(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
                   span: tuple[int, int]) -> torch.Tensor:
     """The final hidden states (B, span[1], d) at columns span[0]..span[0] + span[1] of the
-    left-padded `ids` at positions `pos`, for a pass without gradient (a teacher's, a reference's): the model's
-    decoder operations, as `LeanDecoder` encodes a prompt, with the last layer's attention output,
-    MLP and the final norm computed at the span's columns only (elsewhere they are never read).
-    The same numbers as the model's forward (tests/test_rollout.py), without its per-call framework."""
+    left-padded `ids` at positions `pos` (a teacher's pass, a reference's, or the student's
+    training forward, with gradient): the model's decoder operations, as `LeanDecoder` encodes a
+    prompt, with the last layer's attention output, MLP and the final norm computed at the span's
+    columns only (elsewhere they are never read, and their gradient is zero). The model's forward
+    to float rounding, values and gradients (tests/test_rollout.py), without its per-call framework."""
     base, cfg = model.model, model.config
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -262,16 +270,31 @@ def _prompt_mask(attn: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(attn.shape[0], 1, T, T, dtype=dtype, device=attn.device).masked_fill_(~see[:, None], float("-inf"))
 
 
+# sdpa's CPU kernel (flash attention) pays a fixed cost per call and per block that, for short
+# sequences, outweighs the arithmetic: on the lab's model (16 rows, 4 heads of 32) a layer's
+# attention took 0.58 ms against 0.31 ms done directly at 51 columns, and forward with backward 2.3
+# against 1.4 ms; the two meet near 250 columns (BENCHMARKS.md §L7). So float32 attention over at
+# most MATH_KEYS keys, with at most MATH_SCORES scores in all (the direct way holds them, and
+# backward keeps them), is computed as products and a softmax. The same function to float
+# rounding, not to the bit. 0 turns it off (tests and benchmarks compare the two).
+MATH_KEYS = 160
+MATH_SCORES = 1 << 22
+
+
 def _attend(q, keys, values, mask, scale, groups: int):
-    """sdpa as transformers calls it (so the same kernel runs): q (B, heads, Tq, hd), keys and
-    values (B, kv heads, T, hd); no mask means causal (Tq == T)."""
-    causal = mask is None and q.shape[2] > 1
+    """Attention for q (B, heads, Tq, hd) over keys and values (B, kv heads, T, hd), with the
+    additive `mask` (B, 1, Tq, T); no mask means causal (Tq == T). Short float32 sequences are
+    computed directly (MATH_KEYS); otherwise sdpa as transformers calls it (the same kernel)."""
+    B, H, Tq, hd = q.shape
+    if (q.dtype == torch.float32 and keys.shape[2] <= MATH_KEYS and B * H * Tq * keys.shape[2] <= MATH_SCORES
+            and not torch.is_autocast_enabled(q.device.type)):
+        return _direct(q, keys, values, mask, scale, groups)
+    causal = mask is None and Tq > 1
     if groups == 1:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, is_causal=causal)
     if mask is None:
         return F.scaled_dot_product_attention(q, keys, values, scale=scale, is_causal=causal, enable_gqa=True)
-    B, H, T, hd = q.shape
-    if T == 1:  # one query token: its heads folded onto their key/value head
+    if Tq == 1:  # one query token: its heads folded onto their key/value head
         o = F.scaled_dot_product_attention(q.reshape(B, H // groups, groups, hd), keys, values,
                                            attn_mask=mask, scale=scale)
         return o.reshape(B, H, 1, hd)
@@ -279,6 +302,20 @@ def _attend(q, keys, values, mask, scale, groups: int):
     keys = keys[:, :, None].expand(B, Hk, groups, n, hd).reshape(B, H, n, hd)
     values = values[:, :, None].expand(B, Hk, groups, n, hd).reshape(B, H, n, hd)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+def _direct(q, keys, values, mask, scale, groups: int):
+    """softmax(q kᵀ · scale + mask) v, each key/value head's query heads as one batch of rows."""
+    B, H, Tq, hd = q.shape
+    Hk, n = keys.shape[1], keys.shape[2]
+    q = q.reshape(B, Hk, groups * Tq, hd)  # query heads h = kv head h // groups, as transformers repeats them
+    # in place: the product's backward needs its inputs, not its output
+    s = torch.matmul(q, keys.transpose(-1, -2)).view(B, Hk, groups, Tq, n).mul_(scale)
+    if mask is not None:
+        s.add_(mask[:, :, None])  # (B, 1, 1, Tq, n): every head alike
+    elif Tq > 1:
+        s.add_(torch.full((Tq, n), float("-inf"), dtype=q.dtype, device=q.device).triu_(1))
+    return torch.matmul(s.softmax(-1).view(B, Hk, groups * Tq, n), values).view(B, H, Tq, hd)
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -269,16 +269,19 @@ class HiddenStates(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, span=None, loss=None):
         """Final hidden states, or the columns `span` = (start, length) of them; with `loss`,
-        `loss(head, hidden)` computed here, inside the module DDP/FSDP/peft wrap. A span without
-        gradient (a teacher's or a reference's pass) goes through decoder.hidden_states where the
-        architecture allows: the same numbers, about 15% sooner on the lab's model (BENCHMARKS.md §L7)."""
-        if loss is None and span is not None and not torch.is_grad_enabled() and decoder.LEAN and decoder.supported(self.lm):
-            return decoder.hidden_states(self.lm, input_ids, attention_mask, position_ids, span)
-        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids, use_cache=False)
-        hidden = out.last_hidden_state
-        if span is not None:
-            hidden = hidden[:, span[0]:span[0] + span[1]]
+        `loss(head, hidden)` computed here, inside the module DDP/FSDP/peft wrap. A span (the
+        completion's columns: a teacher's pass, a reference's, the student's training forward) goes
+        through decoder.hidden_states where the architecture allows: the model's operations without
+        its framework, its last layer at the span only (BENCHMARKS.md §L7). Activation checkpointing
+        is the model's own, so with it the training forward stays the model's."""
+        if (span is not None and decoder.LEAN and decoder.supported(self.lm)
+                and not (torch.is_grad_enabled() and decoder.checkpointing(self.lm))):
+            hidden = decoder.hidden_states(self.lm, input_ids, attention_mask, position_ids, span)
+        else:
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=False).last_hidden_state
+            if span is not None:
+                hidden = hidden[:, span[0]:span[0] + span[1]]
         return hidden if loss is None else loss(self.head, hidden)
 
     @property

@@ -312,10 +312,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         log("fsdp: a single process has nothing to shard; training unsharded")
     # sharded (sharding.py): the optimizer must see the sharded parameters, so it comes after
     shards = Shards(policy, cfg.mixed_precision) if cfg.fsdp and acc.num_processes > 1 else None
-    # foreach: the same update to the bit, in a few calls instead of a few per tensor (torch's CPU
-    # default is the per-tensor loop)
+    # fused: one kernel for the whole update (what transformers' Trainer, and so TRL, uses by
+    # default); sharded parameters take foreach, a few calls instead of a few per tensor
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, foreach=True)
+                            weight_decay=cfg.weight_decay, **({"foreach": True} if shards else {"fused": True}))
     if isinstance(opt_state, Path):  # a sharded run's: its shards, read by every process
         load_optimizer(policy, opt, opt_state)
     elif opt_state is not None:

@@ -136,9 +136,11 @@ def test_lean_step_matches_the_models_forward(tiny_model, monkeypatch):
 
     models = [("tiny", load_model(tiny_model)[0].eval()), ("llama-gqa", _arch("llama-gqa")), ("qwen2", _arch("qwen2")),
               ("bf16", _arch("llama-gqa").to(torch.bfloat16))]
-    for (name, model), fuse in [(m, f) for m in models for f in (True, False)]:
-        # both ways of binding the weights: fused (small models) and the model's own matrices
+    for (name, model), fuse, keys in [(m, f, k) for m in models for f in (True, False) for k in (0, 160)]:
+        # both ways of binding the weights: fused (small models) and the model's own matrices;
+        # attention by sdpa alone, and computed directly where it applies (decoder.MATH_KEYS)
         monkeypatch.setattr(D, "FUSE_BYTES", 1 << 40 if fuse else 0)
+        monkeypatch.setattr(D, "MATH_KEYS", keys)
         with torch.no_grad():
             assert all(w.fused == fuse for w in D.LeanDecoder(model, *left_pad([[3, 4, 5]], 0), 4).layers)
         V = model.config.vocab_size
@@ -147,33 +149,41 @@ def test_lean_step_matches_the_models_forward(tiny_model, monkeypatch):
             lean = _stream_logits(model, prompts, True, 40, 8, monkeypatch)
             ref = _stream_logits(model, prompts, False, 40, 8, monkeypatch)
             tol = 1e-2 if name == "bf16" else 1e-5
-            assert torch.allclose(lean, ref, atol=tol, rtol=tol), (name, fuse, lengths, (lean - ref).abs().max())
+            assert torch.allclose(lean, ref, atol=tol, rtol=tol), (name, fuse, keys, lengths, (lean - ref).abs().max())
             if lengths[0] == 6:
                 with pytest.raises(AssertionError):  # the comparison can fail: other prompts, other logits
                     other = [[p[0] + 1] + p[1:] for p in prompts]
                     assert torch.allclose(_stream_logits(model, other, True, 40, 8, monkeypatch), ref, atol=1e-5)
 
 
+def _padded_batch(V, lengths):
+    T = max(lengths)
+    ids = torch.tensor([[0] * (T - n) + [(5 * i + j) % (V - 3) + 3 for j in range(n)] for i, n in enumerate(lengths)])
+    return ids, (torch.arange(T)[None] >= T - torch.tensor(lengths)[:, None]).long()
+
+
+def _models(tiny_model):
+    return [("tiny", load_model(tiny_model)[0].eval()), ("llama-gqa", _arch("llama-gqa")), ("qwen2", _arch("qwen2")),
+            ("bf16", _arch("llama-gqa").to(torch.bfloat16))]
+
+
 def test_lean_pass_without_gradient_matches_the_models_forward(tiny_model, monkeypatch):
     """decoder.hidden_states (a teacher's or reference's pass: HiddenStates with a span, no grad)
     against the model's own forward: every architecture the lean path takes, padded and unpadded
-    rows, spans from one column to all but the first; with a gradient, the model's forward runs."""
+    rows, spans from one column to all but the first, with sdpa and with the direct attention."""
     import handrail.decoder as D
     from handrail.models import HiddenStates
     from handrail.rollout import positions
 
-    models = [("tiny", load_model(tiny_model)[0].eval()), ("llama-gqa", _arch("llama-gqa")), ("qwen2", _arch("qwen2")),
-              ("bf16", _arch("llama-gqa").to(torch.bfloat16))]
     calls = []
     lean = D.hidden_states
     monkeypatch.setattr(D, "hidden_states", lambda *a: calls.append(1) or lean(*a))
-    for name, model in models:
-        V, hs = model.config.vocab_size, HiddenStates(model)
-        for lengths in ((3, 12, 7, 1), (12, 12, 12, 12)):
-            T = max(lengths)
-            ids = torch.tensor([[0] * (T - n) + [(5 * i + j) % (V - 3) + 3 for j in range(n)]
-                                for i, n in enumerate(lengths)])
-            attn = (torch.arange(T)[None] >= T - torch.tensor(lengths)[:, None]).long()
+    for name, model in _models(tiny_model):
+        hs = HiddenStates(model)
+        for lengths, keys in [(ln, k) for ln in ((3, 12, 7, 1), (12, 12, 12, 12)) for k in (0, 160)]:
+            monkeypatch.setattr(D, "MATH_KEYS", keys)  # sdpa alone, and the direct attention where it applies
+            ids, attn = _padded_batch(model.config.vocab_size, lengths)
+            T = ids.shape[1]
             for span in ((T - 1, 1), (T - 5, 5), (1, T - 1)):
                 with torch.no_grad():
                     monkeypatch.setattr(D, "LEAN", False)
@@ -183,11 +193,51 @@ def test_lean_pass_without_gradient_matches_the_models_forward(tiny_model, monke
                 tol = 1e-2 if name == "bf16" else 1e-5
                 # rows 0..3 at every span column that is a real token (a padding column's state is unused)
                 real = attn[:, span[0]:span[0] + span[1]].bool()
-                assert torch.allclose(got[real], ref[real], atol=tol, rtol=tol), (name, lengths, span)
-    assert len(calls) == 4 * 2 * 3
-    with torch.enable_grad():  # the training forward is the model's own
-        out = HiddenStates(models[0][1])(ids % 19 + 3, attn, positions(attn), span=(1, T - 1))
-    assert out.requires_grad and len(calls) == 4 * 2 * 3
+                assert torch.allclose(got[real], ref[real], atol=tol, rtol=tol), (name, lengths, span, keys)
+    assert len(calls) == 4 * 4 * 3
+
+
+def test_lean_training_forward_has_the_models_gradient(tiny_model, monkeypatch):
+    """With a gradient (the student's forward for the loss), the lean pass gives every parameter
+    the gradient the model's own forward gives; with activation checkpointing, which only the
+    model's forward does, the model's forward runs."""
+    import handrail.decoder as D
+    from handrail.models import HiddenStates
+    from handrail.rollout import positions
+
+    calls = []
+    lean = D.hidden_states
+    monkeypatch.setattr(D, "hidden_states", lambda *a: calls.append(1) or lean(*a))
+    for name, model in _models(tiny_model)[:3]:
+        hs = HiddenStates(model.train())
+        ids, attn = _padded_batch(model.config.vocab_size, (3, 12, 7, 1))
+        span = (4, 8)
+        weight = torch.randn(4, span[1], model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+        def grads(lean):
+            monkeypatch.setattr(D, "LEAN", lean)
+            model.zero_grad(set_to_none=True)
+            # a loss applied inside the forward, as the methods' are; padding columns weigh nothing
+            out = hs(ids, attn, positions(attn), span=span,
+                     loss=lambda head, h: ((h * weight).sum(-1) + head(h).logsumexp(-1)).mul(attn[:, 4:12]).sum())
+            out.backward()
+            return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        n = len(calls)
+        ref_loss, ref = grads(False)
+        loss, got = grads(True)
+        assert len(calls) == n + 1
+        assert torch.allclose(loss, ref_loss, rtol=1e-5), name
+        for k in ref:
+            err = (got[k] - ref[k]).abs().max() / ref[k].abs().max()  # float rounding, relative to the gradient's scale
+            assert err < 1e-5, (name, k, err)
+    model = load_model(tiny_model)[0].train()
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    assert D.checkpointing(model) and not D.checkpointing(load_model(tiny_model)[0])
+    n = len(calls)
+    ids, attn = _padded_batch(model.config.vocab_size, (3, 5))
+    out = HiddenStates(model)(ids, attn, positions(attn), span=(1, 4))
+    assert out.requires_grad and len(calls) == n
 
 
 def test_lean_step_declines_what_it_does_not_know(tiny_model):
