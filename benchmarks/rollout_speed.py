@@ -6,8 +6,9 @@ with its lean decoding step (handrail/decoder.py) and with the model's own forwa
 All three sample (temperature 1) with EOS stopping disabled, so each produces exactly
 batch x new tokens. The runs are interleaved (one of each, --repeat times, after a warm-up), so
 the machine's drift touches all three alike; the median is printed. The two handrail rows draw
-the same noise, so their completions and log-probs are compared too: identical means the lean
-step reproduced the forward's logits exactly on this machine.
+the same noise, so their completions and log-probs are compared too: the lean step computes short
+sequences' attention directly (decoder.MATH_KEYS), so its logits are the forward's to float
+rounding, and a sample may then differ where two tokens' noisy scores nearly tie.
 """
 
 import argparse

@@ -5,7 +5,8 @@ by decoder.hidden_states, interleaved in one process on the same batch.
 
 The batch is a real self-distillation step's: the embedded task's training prompts, with the
 reference shown, and completions sampled from the model. Each round times both ways (10 passes
-each) and the median over rounds is printed, with whether the two gave identical hidden states.
+each) and the median over rounds is printed, with the largest difference between the two's hidden
+states (float rounding: the lean pass computes short sequences' attention directly, decoder.MATH_KEYS).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main():
     D.LEAN = False
     ref = teacher_pass()
     D.LEAN = True
-    same = torch.equal(teacher_pass(), ref)
+    diff = (teacher_pass() - ref).abs().max().item()
     timed(False), timed(True)  # warm-up
     forward, lean = [], []
     for _ in range(a.rounds):
@@ -67,7 +68,7 @@ def main():
     print(f"teacher pass on {rollout.completion_ids.shape[0]} rows x {max(map(len, teacher)) + rollout.completion_ids.shape[1]} "
           f"columns: model forward {f * 1e3:.1f} ms, decoder.hidden_states {l * 1e3:.1f} ms (median of {a.rounds} "
           f"interleaved rounds; forward/lean {statistics.median(x / y for x, y in zip(forward, lean)):.2f}); "
-          f"identical hidden states: {same}")
+          f"largest difference in hidden states: {diff:.1e}")
     print(f"model={model} threads={a.threads} cpu capability={torch.backends.cpu.get_cpu_capability()}")
 
 
