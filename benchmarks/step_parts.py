@@ -55,7 +55,7 @@ def main():
     task, records, _ = _records(cfg)
     records = records[:a.rollouts]
     method = METHODS["self-distill"](cfg, teacher, tok, tpl, task, PromptIds(tok, tpl))
-    params = [p for p in student.parameters()]
+    params = list(student.parameters())
     optimizers = {"before": torch.optim.AdamW(params, lr=1e-9, foreach=True),
                   "now": torch.optim.AdamW(params, lr=1e-9, fused=True)}
     ids = method.prompts(records)
@@ -64,12 +64,13 @@ def main():
     world = World()
     signal = method.score(records, rollout, teacher, world)
 
+    checkpointing, math_keys = D.checkpointing, D.MATH_KEYS
+
     def use(way):
-        D.MATH_KEYS = 0 if way == "before" else 160
+        D.MATH_KEYS = 0 if way == "before" else math_keys
         # the lean training forward steps aside where the model checkpoints: "before" says it does
         D.checkpointing = (lambda m: True) if way == "before" else checkpointing
 
-    checkpointing = D.checkpointing
     out = {}
 
     def parts(way):
