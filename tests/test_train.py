@@ -368,8 +368,12 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tiny_model, tmp_path):
     assert step >= 2
 
 
-@pytest.mark.parametrize("kw,tol", [(dict(grad_checkpointing=True), 1e-5), (dict(mixed_precision="bf16"), 0.05)])
-def test_checkpointing_and_bf16_stay_close_to_fp32(tiny_model, tmp_path, kw, tol, monkeypatch):
+# checkpointing: the model's forward (recomputed) against the lean one, equal to float rounding. The
+# gradient's norm agrees to ~5e-7; the loss, a KL near 6e-5 (the mean of many nearly cancelling
+# terms), to ~5e-5 relative under AVX2 (AVX-512 stayed under 1e-5)
+@pytest.mark.parametrize("kw,tol,grad_tol", [(dict(grad_checkpointing=True), 2e-4, 1e-5),
+                                             (dict(mixed_precision="bf16"), 0.05, 0.1)])
+def test_checkpointing_and_bf16_stay_close_to_fp32(tiny_model, tmp_path, kw, tol, grad_tol, monkeypatch):
     """Gradient checkpointing changes nothing but memory (and does recompute: each layer runs
     twice with gradients on, once in forward and once in backward); bf16 autocast gives a finite
     loss within a few percent of fp32's on the same rollouts (sampling is not autocast, so they
@@ -403,7 +407,7 @@ def test_checkpointing_and_bf16_stay_close_to_fp32(tiny_model, tmp_path, kw, tol
     a, b = rows(tmp_path / "fp32")[0], rows(tmp_path / "other")[0]
     assert torch.isfinite(torch.tensor(b["loss/total"])) and b["loss/total"] > 0
     assert b["loss/total"] == pytest.approx(a["loss/total"], rel=tol)
-    assert b["loss/grad_norm"] == pytest.approx(a["loss/grad_norm"], rel=max(tol, 0.1 if tol > 1e-3 else tol))
+    assert b["loss/grad_norm"] == pytest.approx(a["loss/grad_norm"], rel=grad_tol)
     if kw.get("mixed_precision") == "bf16":  # it did run in bf16: not bit-equal to fp32
         assert b["loss/total"] != a["loss/total"]
 
