@@ -31,7 +31,7 @@ def child(mode: str, B: int, T: int, rule: str, topk: int = 0) -> dict:
     hidden_T, mask = torch.randn(B, T, H), torch.ones(B, T)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.time()
-    refs = ((hidden_T, head_T), None)
+    refs = ((hidden_T, head_T), None, None)
     if mode in ("fused", "fused-topk"):
         out = fused_distill_sum(make_rule(rule), hidden, head, mask, None, refs=refs, chunk_size=128,
                                 topk=topk if mode == "fused-topk" else 0)

@@ -73,10 +73,7 @@ def cmd_eval(a) -> int:
     if a.overrides or a.config:  # eval has flags only: refuse what it would otherwise ignore
         raise C.ConfigError(f"{a.overrides[0] if a.overrides else '--config'}: eval takes flags only "
                             f"(see handrail eval --help), not config keys")
-    if a.completions and (os.path.isdir(a.completions)
-                          or not os.path.isdir(os.path.dirname(os.path.abspath(a.completions)))):
-        raise C.ConfigError(f"--completions: {a.completions} is a folder, or its folder does not exist; give a "
-                            f"file path (checked before evaluating, so no work is lost)")
+    _output_file("--completions", a.completions, "evaluating")
     task, records = _problems(a)
     model, tokenizer, templates = load_model(a.model, templates=a.templates)
     records = fit_records(tokenizer, records, templates, prompt_limit(model, a.max_new_tokens), a.truncate, (a.hint,))
@@ -91,9 +88,38 @@ def cmd_eval(a) -> int:
         print(json.dumps(res))
     else:
         sampled = "n/a" if res["accuracy_sampled"] is None else f"{res['accuracy_sampled']:.1%}"
-        print(f"pass@1 greedy {res['accuracy']:.1%} | sampled {sampled} ({a.samples} per problem) | "
+        print(f"pass@1 greedy {res['accuracy']:.1%} strict, {res['accuracy_lenient']:.1%} lenient | "
+              f"sampled {sampled} ({a.samples} per problem) | "
               f"leak rate {res['leak_rate']:.1%} | n={res['n']} | hint={a.hint} | "
               f"{res['tokens']} tokens in {res['seconds']:.1f}s")
+    return 0
+
+
+def _output_file(flag: str, path: str | None, what: str) -> None:
+    """Refuse an output file path that cannot be written, before the work that fills it."""
+    if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+        raise C.ConfigError(f"{flag}: {path} is a folder, or its folder does not exist; give a file path "
+                            f"(checked before {what}, so no work is lost)")
+
+
+def cmd_probe(a) -> int:
+    from handrail.probe import probe, table
+    from handrail.train import TrainConfig
+
+    _output_file("--html", a.html, "probing")
+    cfg = C.build(TrainConfig, a.config, a.overrides, model=a.model, task=a.task, data=a.data)
+    report = probe(cfg, n=a.n, html_attempts=a.html_attempts if a.html else 0,
+                   log=(lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr)))
+    if a.html:
+        from handrail.probe_html import write
+
+        write(report, a.html)
+    if a.json:
+        print(json.dumps(report))
+    else:
+        print(table(report))
+        if a.html:
+            print(f"page: {a.html}")
     return 0
 
 
@@ -111,9 +137,7 @@ def cmd_search(a) -> int:
             raise C.ConfigError(f"{flag}: {value} is out of range ({'> 0' if flag == '--temperature' else '>= 0'})")
     if not a.delimiter:
         raise C.ConfigError("--delimiter: must not be empty")
-    if a.out and (os.path.isdir(a.out) or not os.path.isdir(os.path.dirname(os.path.abspath(a.out)))):
-        raise C.ConfigError(f"--out: {a.out} is a folder, or its folder does not exist; give a file path "
-                            f"(checked before searching, so no work is lost)")
+    _output_file("--out", a.out, "searching")
     task, records = _problems(a)
     value = value_mode(task, a.value or "")  # checked here, before the model loads and the search starts
     cfg = SearchConfig(simulations=a.simulations, candidates=a.candidates, c_puct=a.c_puct, value=value,
@@ -278,6 +302,14 @@ def parser() -> argparse.ArgumentParser:
                    help="also write each problem's greedy completion as JSONL (problem, completion, correct, leak, answer)")
     p.set_defaults(fn=cmd_eval)
 
+    p = sub.add_parser("probe", help="before training: can the privileged teacher help this model on this data, and why")
+    _common(p)
+    p.add_argument("--n", type=_count(2), default=64, help="held-out records to probe")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--html", metavar="FILE", help="also write a page showing the student's attempts token by token")
+    p.add_argument("--html-attempts", type=_count(1), default=6, help="attempts drawn in the --html page")
+    p.set_defaults(fn=cmd_probe)
+
     p = sub.add_parser("search", help="step-level pUCT search at test time (or best-of-N at the same accounting)")
     _common(p)
     p.add_argument("--simulations", type=_count(1), default=8, help="simulations per move")
@@ -365,6 +397,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from handrail.data import DataError
     from handrail.models import ModelError
+    from handrail.run import WriteError
     from handrail.train import NonFinite
 
     a = parse(argv)
@@ -374,8 +407,16 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # keep --json output and logs clean
     hf_logging.set_verbosity_error()
+    import warnings
+
+    # deprecation notices inside the libraries speak to their callers' authors, not to a user's log
+    for module in ("transformers", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
     try:
         return a.fn(a)
+    except WriteError as e:  # a full disk, a read-only or over-quota filesystem: nothing half-written is left
+        print(f"handrail {a.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 4
     except (DataError, C.ConfigError, ModelError, ValueError, FileNotFoundError) as e:
         print(f"handrail {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2

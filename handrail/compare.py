@@ -22,7 +22,7 @@ from pathlib import Path
 from handrail import config as C
 from handrail.models import first_line
 from handrail.train import TrainConfig, train
-from handrail.run import progress
+from handrail.run import FolderLock, progress, writing
 
 
 @dataclass
@@ -40,7 +40,8 @@ class CompareConfig:
     samples_per_step: int = 16  # global samples per step, for every method
     group_size: int = 4  # GRPO's G: prompts per step = samples_per_step / G
     eval_points: int = 8  # evaluations per run, at the same sample counts for every method
-    scenarios: str = "full"  # comma-separated, from SCENARIOS: full | terse | answer | hard
+    scenarios: str = "full"  # comma-separated, from SCENARIOS: full | terse | answer | hard | shuffled | terse-shuffled | noref
+    score: str = "strict"  # what the table, the sweep and the ratio judge by: strict (the verifier's format) | lenient (the answer where a reader finds it); the table shows both
     jobs: int = 0  # runs trained at once, each on one thread (0: one per CPU core; GPU runs: use 1)
     train: str = ""  # extra TrainConfig overrides for every run, "key=value,key=value"
     sweep: str = ""  # "key=v1,v2,..." (e.g. lr=1e-5,3e-5,1e-4,3e-4): each method and scenario first tries every value on a validation split and then runs at its best
@@ -49,6 +50,7 @@ class CompareConfig:
 
     RANGES = {"rollouts": "[1, )", "seeds": "[1, )", "samples_per_step": "[1, )", "group_size": "[1, )",
               "eval_points": "[1, )", "jobs": "[0, )", "sweep_seeds": "[1, )"}
+    CHOICES = {"score": ("strict", "lenient")}
 
     def validate(self):
         if not self.model:
@@ -58,9 +60,9 @@ class CompareConfig:
         for name in self.scenarios.split(","):
             if name not in SCENARIOS:
                 raise ValueError(f"config key 'scenarios': unknown {name!r}; choose {', '.join(SCENARIOS)}")
-        if self.data and set(self.scenarios.split(",")) - {"full", "answer"}:
-            raise ValueError("config key 'scenarios': with --data only full (the file as it is) and answer "
-                             "(its solutions dropped) apply; put terse or harder records in the file itself")
+        if self.data and set(self.scenarios.split(",")) - {"full", "answer", "shuffled", "noref"}:
+            raise ValueError("config key 'scenarios': with --data only full (the file as it is), answer (its "
+                             "solutions dropped), shuffled and noref apply; put terse or harder records in the file itself")
         if self.sweep and self.data and not self.val_data:
             raise ValueError("config key 'val_data': a sweep on --data needs validation records of its own "
                              "(hyperparameters are never chosen on the test records)")
@@ -90,6 +92,10 @@ SCENARIOS = {
     "terse": {"reference": "terse"},  # references that skip intermediate results (embedded tasks)
     "answer": {"reference": "answer"},  # only the final answer: the impossible-knowledge case
     "hard": {"level": "hard"},  # one level above the post-training level: too hard for the student alone
+    # the controls: how much of a gain is the privileged information (the reference itself)?
+    "shuffled": {"shuffle_references": "true"},  # each problem shows the teacher another problem's reference
+    "terse-shuffled": {"reference": "terse", "shuffle_references": "true"},
+    "noref": {"hint": "blank"},  # the teacher's prompt with an empty reference
 }
 
 
@@ -135,13 +141,16 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
     return built
 
 
-def curve(run: Path, per_step: int) -> list[dict]:
+def curve(run: Path, per_step: int, score: str = "strict") -> list[dict]:
+    """A run's evaluations; "pass@1" is the `score` the comparison is judged by (strict or
+    lenient: answers.py), "pass@1_other" the other one."""
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    keys = ("eval/pass@1", "eval/pass@1_lenient")[::1 if score == "strict" else -1]
     # a bootstrap stage's samples (train.py) come before step 1 and count like any others; a run
     # that samples logs its own count (with vine's branches), SFT's examples are steps x per_step
     return [{"samples": max(r.get("rollouts", 0), r["step"] * per_step + r.get("bootstrap_rollouts", 0)),
              "seconds": r["seconds"],
-             "pass@1": r["eval/pass@1"], "leak_rate": r["eval/leak_rate"],
+             "pass@1": r[keys[0]], "pass@1_other": r.get(keys[1]), "leak_rate": r["eval/leak_rate"],
              "tokens_per_solved": r.get("eval/tokens_per_solved")} for r in rows if "eval/pass@1" in r]
 
 
@@ -163,12 +172,16 @@ def mean_curve(curves: list[list[dict]], key: str = "pass@1") -> list[tuple[int,
 
 
 def compare(cfg: CompareConfig, log=print) -> dict:
-    from handrail.run import environment
-
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: already exists and is not empty; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):  # one comparison per folder (each run also locks its own)
+        return _compare(cfg, out, log)
+
+
+def _compare(cfg: CompareConfig, out: Path, log) -> dict:
+    from handrail.run import environment
+
     C.save(cfg, out / "compare_config.json")
     (out / "environment.json").write_text(json.dumps(environment(cfg.model), indent=2) + "\n")
     scenarios, specs = cfg.scenarios.split(","), cfg.methods.split(",")
@@ -184,17 +197,20 @@ def compare(cfg: CompareConfig, log=print) -> dict:
     for scenario in scenarios:
         results = {}
         for spec in cfg.methods.split(","):
-            runs = [{"seed": seed, "curve": curve(todo[scenario, spec, seed], cfg.samples_per_step),
+            runs = [{"seed": seed, "curve": curve(todo[scenario, spec, seed], cfg.samples_per_step, cfg.score),
                      "seconds": summaries[scenario, spec, seed]["seconds"],
                      "rollouts": summaries[scenario, spec, seed]["rollouts"]} for seed in range(cfg.seeds)]
             results[spec] = {"runs": runs, "mean": mean_curve([r["curve"] for r in runs])}
         report["scenarios"][scenario] = {"methods": results, "ratio": efficiency_ratio(results)}
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    text = "\n".join((f"### scenario: {name}\n\n" if len(scenarios) > 1 else "") + table(r["methods"], r["ratio"])
+    with writing(out / "results.json"):
+        (out / "results.json").write_text(json.dumps(report, indent=2))
+    text = "\n".join((f"### scenario: {name}\n\n" if len(scenarios) > 1 else "") + table(r["methods"], r["ratio"], cfg.score)
                      + _sweep_line(report.get("sweep", {}).get(name))
                      for name, r in report["scenarios"].items())
-    (out / "table.md").write_text(text)
-    plot(report["scenarios"], out / "accuracy.png")
+    with writing(out / "table.md"):
+        (out / "table.md").write_text(text)
+    with writing(out / "accuracy.png", partial=out / "accuracy.png"):
+        plot(report["scenarios"], out / "accuracy.png", cfg.score)
     log(text)  # each table ends with its sample-efficiency ratio
     log(f"plot: {out / 'accuracy.png'}")
     return report
@@ -222,7 +238,7 @@ def _sweep(cfg: CompareConfig, out: Path, scenarios: list[str], specs: list[str]
     for scenario in scenarios:
         for spec in specs:
             scores = {v: None if any("error" in summaries[scenario, spec, v, s] for s in range(cfg.sweep_seeds)) else
-                      statistics.mean(curve(Path(runs[scenario, spec, v, s].out), cfg.samples_per_step)[-1]["pass@1"]
+                      statistics.mean(curve(Path(runs[scenario, spec, v, s].out), cfg.samples_per_step, cfg.score)[-1]["pass@1"]
                                       for s in range(cfg.sweep_seeds)) for v in values}
             if all(score is None for score in scores.values()):
                 raise ValueError(f"sweep: every {key} failed for {spec} in scenario {scenario}: "
@@ -338,9 +354,10 @@ def _seconds_at(runs: list, samples: int) -> float:
     return statistics.mean(next(p["seconds"] for p in r["curve"] if p["samples"] >= samples) for r in runs)
 
 
-def table(results: dict, ratio: dict) -> str:
-    lines = ["| method | pass@1 start | pass@1 end (mean ± sd) | best | leak end | tokens/solved start → end | seconds/run |",
-             "|---|---|---|---|---|---|---|"]
+def table(results: dict, ratio: dict, score: str = "strict") -> str:
+    other = "lenient" if score == "strict" else "strict"
+    lines = [f"| method | pass@1 start | pass@1 end (mean ± sd) | best | {other} end | leak end | tokens/solved start → end | seconds/run |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def tokens(runs, at):
         vals = [run["curve"][at].get("tokens_per_solved") for run in runs]
@@ -352,13 +369,15 @@ def table(results: dict, ratio: dict) -> str:
         best = max(m for _, m, _ in r["mean"])
         leak = statistics.mean(run["curve"][-1]["leak_rate"] for run in r["runs"])
         secs = statistics.mean(run["seconds"] for run in r["runs"])
+        others = [run["curve"][-1].get("pass@1_other") for run in r["runs"]]
+        other_end = "n/a" if None in others else f"{statistics.mean(others):.1%}"
         lines.append(f"| {spec} | {r['mean'][0][1]:.1%} | {statistics.mean(ends):.1%} ± "
-                     f"{statistics.pstdev(ends):.1%} | {best:.1%} | {leak:.1%} | "
+                     f"{statistics.pstdev(ends):.1%} | {best:.1%} | {other_end} | {leak:.1%} | "
                      f"{tokens(r['runs'], 0)} → {tokens(r['runs'], -1)} | {secs:.0f} |")
     return "\n".join(lines) + f"\n\n{ratio['message']}\n"
 
 
-def plot(scenarios: dict, path: Path) -> None:
+def plot(scenarios: dict, path: Path, score: str = "strict") -> None:
     """One column per scenario: held-out pass@1 (top) and leak rate (bottom) against samples."""
     import matplotlib
 
@@ -377,7 +396,7 @@ def plot(scenarios: dict, path: Path) -> None:
                                             color=line.get_color(), alpha=0.15)
         axes[0][col].set_title(f"scenario: {name}" if n > 1 else "")
         axes[1][col].set_xlabel("samples (rollouts; reference examples for sft)")
-        for row, label in enumerate(("held-out pass@1 (greedy)", "leak rate (answer before the work)")):
+        for row, label in enumerate((f"held-out pass@1 (greedy, {score})", "leak rate (answer before the work)")):
             axes[row][col].set_ylabel(label)
             axes[row][col].grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

@@ -21,10 +21,12 @@ the student already wrote) and the accepted turn as `solution`. See examples/con
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from handrail.tasks import ANSWER_MARK, Problem, extract_answer
+from handrail.answers import ANSWER_MARK, extract_answer, last_boxed
+from handrail.tasks import Problem
 
 ROLES = ("system", "user", "assistant")
 
@@ -87,19 +89,6 @@ def parse_fields(spec: str | None) -> dict[str, str]:
                              f"{', '.join(FIELDS)}, got {item.strip()!r}")
         out[ours] = theirs
     return out
-
-
-def last_boxed(text: str) -> str | None:
-    """The contents of the last \\boxed{...} in `text`, braces balanced, or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None
 
 
 def _layout(row: dict, fields: dict[str, str]) -> tuple[dict, dict[str, str]]:
@@ -331,9 +320,12 @@ def teacher_prompt(tokenizer, rec: Record, t: Templates, hint: str | None = None
 
 
 def hint_for(rec: Record, mode: str) -> str | None:
-    """`none` → no hint (student prompt), `solution` → full reference, `answer` → '#### answer'."""
+    """`none` → no hint (student prompt), `solution` → full reference, `answer` → '#### answer',
+    `blank` → an empty reference (the teacher's prompt without one: the no-reference control)."""
     if mode == "none":
         return None
+    if mode == "blank":
+        return ""
     if mode == "solution":
         return rec.solution or f"#### {reference_answer(rec)}"
     if mode == "answer":
@@ -341,4 +333,15 @@ def hint_for(rec: Record, mode: str) -> str | None:
         if ans is None:
             raise DataError(f"{rec.source}: field 'answer': missing, needed for answer-only hints")
         return f"#### {ans}"
-    raise ValueError(f"unknown hint mode {mode!r}; choose none, solution or answer")
+    raise ValueError(f"unknown hint mode {mode!r}; choose none, solution, answer or blank")
+
+
+def shuffle_references(records: list[Record], seed: int, hint: str = "solution") -> list[Record]:
+    """The shuffled-reference control: each record shows the teacher another record's `hint` (its
+    reference, or its answer) as its solution, while the answer it is checked against stays its own.
+    A derangement: no record keeps its own."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+    return [Record(r.prompt, hint_for(records[other[i]], hint), reference_answer(r), r.source, r.level, r.completion)
+            for i, r in enumerate(records)]

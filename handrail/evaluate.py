@@ -18,17 +18,19 @@ from handrail.verifiers import FileTask
 EXACT = FileTask("exact")  # what checks records from a file when no task or verifier is given
 
 
-def is_correct(text: str, rec: Record, task: StepArithmeticTask | FileTask | None) -> bool:
+def is_correct(text: str, rec: Record, task: StepArithmeticTask | FileTask | None, lenient: bool = False) -> bool:
+    """Strict: the verifier's own format; lenient: the final answer where a reader finds it (answers.py)."""
     ref = reference_answer(rec)
     if ref is None:
         return False
-    return (task or EXACT).verify(text, ref)
+    task = task or EXACT
+    return task.verify_lenient(text, ref) if lenient else task.verify(text, ref)
 
 
 def is_leak(text: str, rec: Record, task: StepArithmeticTask | FileTask | None) -> bool:
-    """Embedded tasks define their own leak; for user data (FileTask), a leak is a final answer
-    stated on the completion's first non-empty line, before any work."""
-    return (task or EXACT).leaked(text, rec.level)
+    """Embedded tasks define their own leak (step lines before `####`); for user data (FileTask),
+    the final answer written before any work, in any format (answers.stated_before_work)."""
+    return (task or EXACT).leak(text, rec)
 
 
 def prompt_ids(tokenizer, records: list[Record], templates: Templates, hint: str = "none") -> list[list[int]]:
@@ -76,7 +78,7 @@ def fit_records(tokenizer, records: list[Record], templates: Templates, limit: i
     ids = ids or PromptIds(tokenizer, templates, budget=0)
 
     def usable(rec: Record) -> list[str]:
-        return [h for h in hints if h == "none" or rec.solution or h == "answer" and rec.answer is not None]
+        return [h for h in hints if h in ("none", "blank") or rec.solution or h == "answer" and rec.answer is not None]
 
     def longest(rec: Record) -> int:
         return max(len(p) for h in usable(rec) for p in ids([rec], h))
@@ -108,39 +110,46 @@ def evaluate(model, tokenizer, templates: Templates, records: list[Record], *,
              task: StepArithmeticTask | None = None, hint: str = "none", samples: int = 1,
              max_new_tokens: int = 96, batch_size: int = 64, temperature: float = 1.0,
              seed: int = 0, progress=None, completions: list | None = None) -> dict:
-    """Greedy pass@1 (`accuracy`), mean pass@1 over `samples` draws at `temperature`
-    (`accuracy_sampled`), the greedy leak rate and greedy tokens per solved problem. `samples=0`
-    skips sampling. With a `completions` list, each problem's greedy completion is appended to it
-    as a dict (problem, completion, correct, leak, reference answer), in the records' order."""
+    """Greedy pass@1 (`accuracy`, strict; `accuracy_lenient`), mean pass@1 over `samples` draws at
+    `temperature` (`accuracy_sampled`, `accuracy_sampled_lenient`), the greedy leak rate and
+    greedy tokens per solved problem. `samples=0` skips sampling. With a `completions` list, each
+    problem's greedy completion is appended to it as a dict (problem, completion, correct,
+    correct_lenient, leak, reference answer), in the records' order."""
     was_training = model.training
     model.eval()
     t0, stops = time.time(), stop_ids(tokenizer)
     ids = prompt_ids(tokenizer, records, templates, hint)
-    greedy_ok = leaks = sampled_ok = tokens = solved_tokens = 0
+    greedy_ok = greedy_lenient = leaks = sampled_ok = sampled_lenient = tokens = solved_tokens = 0
     for start in range(0, len(records), batch_size):
         recs, batch = records[start:start + batch_size], ids[start:start + batch_size]
         g = sample(model, tokenizer, batch, max_new_tokens=max_new_tokens, stop_ids=stops, temperature=0)
         tokens += g.n_tokens
         ok = [is_correct(t, r, task) for t, r in zip(g.texts, recs)]
         greedy_ok += sum(ok)
+        loose = [is_correct(t, r, task, lenient=True) for t, r in zip(g.texts, recs)]
+        greedy_lenient += sum(loose)
         solved_tokens += sum(n for n, good in zip(g.completion_mask.sum(1).tolist(), ok) if good)
         leaked = [is_leak(t, r, task) for t, r in zip(g.texts, recs)]
         leaks += sum(leaked)
         if completions is not None:
-            completions += [{"problem": r.text, "completion": t, "correct": bool(c), "leak": bool(lk),
-                             "answer": r.answer} for r, t, c, lk in zip(recs, g.texts, ok, leaked)]
+            completions += [{"problem": r.text, "completion": t, "correct": bool(c), "correct_lenient": bool(c2),
+                             "leak": bool(lk), "answer": reference_answer(r)}
+                            for r, t, c, c2, lk in zip(recs, g.texts, ok, loose, leaked)]
         for k in range(samples):
             s = sample(model, tokenizer, batch, max_new_tokens=max_new_tokens, stop_ids=stops,
                        temperature=temperature, seed=seed * 7919 + k * 104729 + start)
             tokens += s.n_tokens
             sampled_ok += sum(is_correct(t, r, task) for t, r in zip(s.texts, recs))
+            sampled_lenient += sum(is_correct(t, r, task, lenient=True) for t, r in zip(s.texts, recs))
         if progress is not None:
             progress.update(len(recs))
     model.train(was_training)
     n = len(records)
     return {
         "accuracy": greedy_ok / n,
+        "accuracy_lenient": greedy_lenient / n,
         "accuracy_sampled": sampled_ok / (n * samples) if samples else None,
+        "accuracy_sampled_lenient": sampled_lenient / (n * samples) if samples else None,
         "leak_rate": leaks / n,
         "tokens_per_solved": solved_tokens / greedy_ok if greedy_ok else None,  # greedy, stop token included
         "n": n,

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from handrail.data import reference_answer
-from handrail.evaluate import PromptIds, is_correct
+from handrail.data import hint_for, reference_answer
+from handrail.evaluate import PromptIds, is_correct, prompt_ids
 from handrail.models import AdapterOff, HiddenStates
 from handrail.objectives import (chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, fusable,
                                  fused_distill_sum, token_logp)
@@ -58,6 +58,7 @@ class DistillSignal:
 
     teacher: tuple  # (hidden_B_T_H on [P_T, g], lm head), no gradient
     initial: tuple | None  # the same for the initial model on [P_S, g], or None
+    counterfactual: tuple | None  # the same for the teacher shown another problem's reference, or None
     use_T: torch.Tensor | None  # (B, T) 1 where the teacher speaks, 0 where the initial model stands in (anchor)
     mask: torch.Tensor  # (B, T) positions that carry the loss
     gated: torch.Tensor  # positions the divergence gate silenced (a metric)
@@ -180,11 +181,20 @@ class SelfDistill(Method):
         # student read (targets.NEEDS_INITIAL), and the reference where the gate silences the
         # teacher with after_gate=anchor
         self.initial = None
-        if self.rule.needs_initial or (cfg.gate != "none" and cfg.after_gate == "anchor"):
+        if (self.rule.needs_initial or cfg.counterfactual != "none"
+                or (cfg.gate != "none" and cfg.after_gate == "anchor")):
             self.initial = self.teacher if cfg.teacher == "frozen" else _frozen_copy(initial_lm)
 
     def teacher_prompts(self, records) -> list[list[int]]:
         return self.prompts(records, self.cfg.hint)
+
+    def counterfactual_prompts(self, records) -> list[list[int]]:
+        """Each row's problem with the next distinct problem's reference in the batch (a wrong
+        reference that looks like a right one): the counterfactual teacher's prompts."""
+        distinct = list({id(r): r for r in records}.values())
+        after = {id(r): distinct[(i + 1) % len(distinct)] for i, r in enumerate(distinct)}
+        wrong = [replace(r, solution=hint_for(after[id(r)], self.cfg.hint)) for r in records]
+        return prompt_ids(self.tokenizer, wrong, self.templates, "solution")  # not cached: new every step
 
     def guide(self, records, lm_now):
         if self.cfg.rollout != "guided":
@@ -211,18 +221,21 @@ class SelfDistill(Method):
             lp_T = _token_logps(hidden_T, head_T, rollout.completion_ids, 1.0, self.cfg.chunk_size)
             mask = until_divergence(lp_T, mask, self.cfg.gate_prob, only_at=self.cfg.gate == "point")
         gated = (rollout.completion_mask - mask).sum()
-        initial, use_T = None, None
+        initial, use_T, counter = None, None, None
         if self.initial is not None:
             initial = (completion_hidden(HiddenStates(self.initial), rollout.prompt_ids, rollout,
                                          self.tokenizer.pad_token_id), self.initial.get_output_embeddings())
+        if self.cfg.counterfactual != "none":
+            counter = (completion_hidden(HiddenStates(teacher), self.counterfactual_prompts(records), rollout,
+                                         self.tokenizer.pad_token_id), head_T)
         if self.cfg.gate != "none" and self.cfg.after_gate == "anchor":
             # where the teacher is silenced, the initial model on the student's own prompt (what the
             # student did before training) becomes the reference, so those positions cannot drift
             use_T, mask = mask, rollout.completion_mask
-        return DistillSignal((hidden_T, head_T), initial, use_T, mask, gated)
+        return DistillSignal((hidden_T, head_T), initial, counter, use_T, mask, gated)
 
     def loss(self, head, hidden, rollout, signal):
-        refs = (signal.teacher, signal.initial)
+        refs = (signal.teacher, signal.initial, signal.counterfactual)
         if fusable(head):  # gradient taken in the forward pass: no chunk recomputed in backward
             loss, kl_sum, intervened, raw = fused_distill_sum(
                 self.rule, hidden, head, signal.mask, signal.use_T, refs=refs,

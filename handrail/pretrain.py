@@ -21,6 +21,7 @@ moment (BENCHMARKS.md §L1):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -35,9 +36,10 @@ from handrail.data import TINY_TEMPLATES, DataError, Record, hint_for, load_reco
 from handrail.data import student_prompt, teacher_prompt
 from handrail.evaluate import evaluate
 from handrail.models import build_char_tokenizer, build_tiny_model, save_model
-from handrail.tasks import ANSWER_MARK, DEFAULT_TASK, get_task
+from handrail.answers import ANSWER_MARK
+from handrail.tasks import DEFAULT_TASK, get_task
 from handrail.verifiers import FileTask
-from handrail.run import progress
+from handrail.run import FolderLock, progress, writing
 
 
 @dataclass
@@ -216,12 +218,13 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     keep_freed_memory()  # pretraining runs on the CPU (cpu.py)
     try:
-        return _pretrain(cfg, log)
+        with contextlib.ExitStack() as held:  # the output folder's lock, once the input has been read
+            return _pretrain(cfg, log, held)
     finally:
         torch.set_num_threads(threads)  # what runs next in this process (demo's training) gets them back
 
 
-def _pretrain(cfg: PretrainConfig, log) -> dict:
+def _pretrain(cfg: PretrainConfig, log, held: contextlib.ExitStack) -> dict:
     rng = random.Random(cfg.seed)
     task, hard = None, set()
     if cfg.data:
@@ -253,6 +256,7 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
              + _direct(r) for r in records + eval_records]
     tokenizer = build_char_tokenizer(texts)
     examples = build_examples(records, cfg, tokenizer, rng, task, hard)
+    held.enter_context(FolderLock(cfg.out))  # one build per folder
     max_len = max(len(p) + len(c) for p, c, _ in examples)
     model = build_tiny_model(len(tokenizer), cfg.d_model, cfg.n_layers, cfg.n_heads,
                              max_len=max(256, 2 * max_len), seed=cfg.seed)
@@ -282,8 +286,9 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     bar.close()
     train_seconds = time.time() - t0
     model.eval()
-    save_model(model, tokenizer, cfg.out, TINY_TEMPLATES,
-               extra={"task": task.name if task else None, "data": cfg.data, "params": n_params})
+    with writing(cfg.out):
+        save_model(model, tokenizer, cfg.out, TINY_TEMPLATES,
+                   extra={"task": task.name if task else None, "data": cfg.data, "params": n_params})
     common = dict(task=task or FileTask(cfg.verifier), samples=0, max_new_tokens=_max_new(records))
     student = evaluate(model, tokenizer, TINY_TEMPLATES, eval_records, hint="none", **common)
     teacher = evaluate(model, tokenizer, TINY_TEMPLATES, eval_records, hint="solution", **common)
@@ -301,9 +306,10 @@ def _pretrain(cfg: PretrainConfig, log) -> dict:
     if not result["band"]["ok"]:
         log(f"WARNING: {result['band']['message']}")
     recipe = {k: v for k, v in asdict(cfg).items() if k != "out"}  # no machine's paths in what is shared
-    (Path(cfg.out) / "pretrain_config.json").write_text(json.dumps(recipe, indent=2) + "\n")
-    (Path(cfg.out) / "pretrain_result.json").write_text(
-        json.dumps({k: v for k, v in result.items() if k != "out"}, indent=2) + "\n")
+    with writing(cfg.out):
+        (Path(cfg.out) / "pretrain_config.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        (Path(cfg.out) / "pretrain_result.json").write_text(  # last: a cached base is complete once it exists
+            json.dumps({k: v for k, v in result.items() if k != "out"}, indent=2) + "\n")
     return result
 
 

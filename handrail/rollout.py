@@ -98,7 +98,8 @@ class _Stream:
             return
         out = model(input_ids=ids, attention_mask=self.attn, position_ids=positions(self.attn),
                     use_cache=True, logits_to_keep=1)
-        self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
+        self.cache_kw = _cache_keyword(model)
+        self.cache, self.logits = out[self.cache_kw], out.logits[:, -1].float()
 
     def step(self, tok: torch.Tensor) -> None:
         if self.lean is not None:
@@ -107,8 +108,17 @@ class _Stream:
         self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
         position = positions(self.attn)[:, -1:]
         out = self.model(input_ids=tok[:, None], attention_mask=self.attn, position_ids=position,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
+                         use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
+        self.cache, self.logits = out[self.cache_kw], out.logits[:, -1].float()
+
+
+def _cache_keyword(model) -> str:
+    """What the model's forward calls its KV cache: `cache` from transformers 5.25 (which warns
+    on the old name), `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def sample(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,

@@ -33,7 +33,7 @@ from handrail.evaluate import is_correct, prompt_ids
 from handrail.models import stop_ids
 from handrail.rollout import sample
 from handrail.steps import DEFAULT_DELIMITER, delimiter_ids, split_steps
-from handrail.tasks import extract_answer
+from handrail.answers import extract_answer
 
 
 def puct_index(priors: list[float], visits: list[int], values: list[float], c_puct: float) -> int:

@@ -126,6 +126,17 @@ def anchored(logp_S: torch.Tensor, logp_T: torch.Tensor, logp_0=None, delta: flo
     return trust_region(logp_S if logp_0 is None else logp_0, logp_T, delta=delta, lam_max=lam_max)
 
 
+def counterfactual(logp_T: torch.Tensor, logp_C: torch.Tensor, logp_0: torch.Tensor) -> torch.Tensor:
+    """The counterfactual teacher: log p_E = log p_0 + log p_T - log p_C, normalised. p_C is the same
+    teacher shown a *wrong* reference (another problem's), p_0 the initial student. What any
+    reference makes the teacher say (a format, an answer stated up front, a style) is in p_T and
+    p_C alike and cancels, leaving the initial student; only what the right reference makes more
+    likely than a wrong one tilts it. Given to a rule in place of p_T, it moves the fixed point of
+    the per-step rules from the teacher to p_E: the initial student, changed only where the
+    reference itself is the reason (tests/test_targets.py)."""
+    return F.log_softmax(_finite(logp_0) + _finite(logp_T) - _finite(logp_C), -1)
+
+
 RULES: dict[str, Callable[..., torch.Tensor]] = {
     "none": none,
     "geometric": geometric,

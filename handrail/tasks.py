@@ -30,7 +30,8 @@ import random
 import re
 from dataclasses import dataclass
 
-ANSWER_MARK = "####"
+from handrail.answers import ANSWER_MARK, answers_match, extract_answer, lenient
+
 _STEP_RE = re.compile(r"^\s*(-?\d+)((?:\s*[+\-]\s*\d+)+)\s*=\s*(-?\d+)\s*$")  # 37+5=42, 37+5-8=34
 _OP_RE = re.compile(r"([+\-])\s*(\d+)")
 
@@ -41,26 +42,6 @@ class Problem:
     solution: str  # full worked solution, ending in "#### <answer>"
     answer: str
     level: int = 0
-
-
-def extract_answer(completion: str, mark: str = ANSWER_MARK) -> str | None:
-    """The text after the last answer mark, up to the end of that line, or None."""
-    if mark not in completion:
-        return None
-    tail = completion.rsplit(mark, 1)[1].strip()
-    return tail.splitlines()[0].strip() if tail else ""
-
-
-def answers_match(predicted: str | None, reference: str) -> bool:
-    if predicted is None:
-        return False
-    p, r = predicted.strip().rstrip("."), reference.strip().rstrip(".")
-    if p == r:
-        return True
-    try:  # "42", "42.0" and " 42" are the same number
-        return float(p.replace(",", "")) == float(r.replace(",", ""))
-    except ValueError:
-        return False
 
 
 def _apply(acc: int, op: str, v: int) -> int:
@@ -91,10 +72,6 @@ def _lines(start: int, ops: list[tuple[str, int]], per_line: int = 1, bug=None, 
             acc = wrong if wrong is not None and rng.random() < bug_rate else _apply(acc, op, v)
         lines.append(f"{head}" + "".join(f"{op}{v}" for op, v in chunk) + f"={acc}")
     return lines, acc
-
-
-def answer_only_hint(answer: str) -> str:
-    return f"{ANSWER_MARK} {answer}"
 
 
 class StepArithmeticTask:
@@ -139,6 +116,13 @@ class StepArithmeticTask:
     # -- scoring ---------------------------------------------------------------------------------
     def verify(self, completion: str, answer: str) -> bool:
         return answers_match(extract_answer(completion), answer)
+
+    def verify_lenient(self, completion: str, answer: str) -> bool:
+        """The tiny models write the task's format, so strict and lenient rarely differ here."""
+        return lenient(self.verify, completion, answer)
+
+    def leak(self, completion: str, record) -> bool:
+        return self.leaked(completion, record.level)
 
     def leaked(self, completion: str, level: int) -> bool:
         """True if a final answer is written before step lines have done `level` operations."""

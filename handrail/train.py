@@ -19,6 +19,7 @@ batch of B reproduce one process at B.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -37,7 +38,7 @@ from handrail.bootstrap import bootstrap, needs_bootstrap
 from handrail.bootstrap import load as load_bootstrap
 from handrail.bootstrap import save as save_bootstrap
 from handrail.cpu import keep_freed_memory
-from handrail.data import load_records, records_from_task, reference_answer
+from handrail.data import load_records, records_from_task, reference_answer, shuffle_references
 from handrail.evaluate import PromptIds, evaluate, fit_records, prompt_limit
 from handrail.models import (AdapterOff, HiddenStates, add_lora, first_line, load_model, nonfinite_weight,
                              save_model, stop_ids)
@@ -46,7 +47,7 @@ from handrail.sharding import Shards, by_position, load_optimizer
 from handrail.steps import delimiter_table, step_ends
 from handrail.tasks import DEFAULT_TASK, get_task
 from handrail.verifiers import FileTask
-from handrail.run import progress
+from handrail.run import FolderLock, progress, writing
 
 
 def _registry(module: str, name: str):
@@ -70,13 +71,15 @@ class TrainConfig:
     rule: str = "trust-region"  # aggregation (targets.py): trust-region | geometric | support | none | considered | anchored
     teacher: str = "frozen"  # frozen (initial weights) | live (current, no grad) | ema
     ema_decay: float = 0.95  # for teacher=ema
-    hint: str = "solution"  # what the teacher sees: solution | answer
+    hint: str = "solution"  # what the teacher sees: solution | answer | blank (the teacher's prompt with an empty reference: the no-reference control)
+    shuffle_references: bool = False  # the shuffled-reference control: each training record shows the teacher another record's reference
     reference: str = "full"  # what training records carry: full (worked, the student's style) | terse (embedded tasks: intermediate results skipped) | answer (only the final answer)
     lam: float = 0.5  # geometric rule: weight of the teacher
     delta: float = 1.0  # trust-region: max nats the teacher may move the student per token and step; anchored: from the initial student, in all
     tau: float = 0.1  # considered: the initial student's probability above which the teacher may promote a token
     lam_max: float = 1.0  # trust-region rule: upper end of the lambda search
     support_top_p: float = 0.9  # support rule: the student's nucleus
+    counterfactual: str = "none"  # self-distill: none | shuffled: the teacher counts only beyond what another problem's reference also makes it say (targets.counterfactual; one more teacher pass and the initial model's)
     teacher_topk: int = 0  # self-distill: 0 = the teacher's full distribution; K = its K most likely tokens plus a tail bucket (what a served teacher sends)
     intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
     gate: str = "divergence"  # none | divergence: silence the teacher after the student leaves its path | point: only where it leaves
@@ -148,9 +151,9 @@ class TrainConfig:
     }
     CHOICES = {
         "method": lambda: _registry("methods", "METHODS"), "rule": lambda: _registry("targets", "RULES"),
-        "teacher": ("frozen", "live", "ema"), "gate": ("none", "divergence", "point"), "after_gate": ("free", "anchor"),
+        "teacher": ("frozen", "live", "ema"), "counterfactual": ("none", "shuffled"), "gate": ("none", "divergence", "point"), "after_gate": ("free", "anchor"),
         "rollout": ("student", "guided", "logged"), "bootstrap_rollout": ("student", "guided"),
-        "grpo_loss": ("dapo", "grpo", "dr_grpo"), "hint": ("solution", "answer"), "reference": ("full", "terse", "answer"),
+        "grpo_loss": ("dapo", "grpo", "dr_grpo"), "hint": ("solution", "answer", "blank"), "reference": ("full", "terse", "answer"),
         "mixed_precision": ("no", "bf16", "fp16"), "truncate": ("error", "left"),
         "eval_split": ("test", "validation"), "curriculum": ("none", "brevity"), "search_value": ("", "check", "answer"),
     }
@@ -207,6 +210,16 @@ class TrainConfig:
                              "tasks); with --data use answer")
         if not self.step_delimiter:
             raise ValueError("config key 'step_delimiter': must not be empty")
+        if self.counterfactual != "none":
+            if not METHODS[self.method].privileged or self.method == "rlsd":
+                raise ValueError(f"config key 'counterfactual': a counterfactual teacher shapes self-distillation's "
+                                 f"target (method self-distill or srpo), not {self.method}'s")
+            if self.prompts_per_step < 2:
+                raise ValueError("config key 'counterfactual': the wrong reference is another problem's in the same "
+                                 "step, so prompts_per_step must be at least 2")
+        if self.shuffle_references and self.reference == "answer":
+            raise ValueError("config key 'shuffle_references': answer-only records have no reference to shuffle "
+                             "(their answers are what they are checked against)")
         if self.reference == "terse" and self.data:
             raise ValueError("config key 'reference': terse rewrites an embedded task's references; "
                              "with --data, give terse solutions in the file")
@@ -250,6 +263,11 @@ def _slice(n: int, rank: int, world: int) -> slice:
 
 
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
+    with contextlib.ExitStack() as held:  # the run folder's lock, for the run's lifetime
+        return _train(cfg, resume, log, held)
+
+
+def _train(cfg: TrainConfig, resume: bool, log, held: contextlib.ExitStack) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -325,12 +343,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             opt.load_state_dict(by_position(policy, opt_state))
     acc.wait_for_everyone()  # every process has checked before the main one writes
     if acc.is_main_process:
+        held.enter_context(FolderLock(out))  # a second run on this folder stops here, having written nothing
         if restart:
             log(f"{out}: the run there stopped before its first checkpoint; starting it again from step 0")
             for name in ("metrics.jsonl", BOOTSTRAP_FILE):
                 (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-        C.save(cfg, out / "config.json")
+        with writing(out / "config.json"):
+            C.save(cfg, out / "config.json")
     if shards is None:
         policy, opt = acc.prepare(policy, opt)
 
@@ -358,8 +378,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
             return {}
         res = evaluate(current_lm(), tokenizer, templates, eval_recs, task=check,
                        samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        return {"eval/pass@1": res["accuracy"], "eval/pass@1_sampled": res["accuracy_sampled"],
-                "eval/leak_rate": res["leak_rate"], "eval/tokens_per_solved": res["tokens_per_solved"],
+        return {"eval/pass@1": res["accuracy"], "eval/pass@1_lenient": res["accuracy_lenient"],
+                "eval/pass@1_sampled": res["accuracy_sampled"], "eval/leak_rate": res["leak_rate"], "eval/tokens_per_solved": res["tokens_per_solved"],
                 "eval/n": res["n"]}
 
     def curriculum_check():
@@ -385,7 +405,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         raise ValueError(f"{len(train_recs)} training records, fewer than prompts_per_step="
                          f"{cfg.prompts_per_step}; lower prompts_per_step or add records")
     total_steps = (cfg.rollouts - state.bootstrap_rollouts) // cfg.rollouts_per_step
-    bar = progress(total_steps, f"train {cfg.method}", "step", show=acc.is_main_process, initial=state.step)
+    # closed on the way out, so an error's message comes after the bar's last line, not before it
+    bar = held.enter_context(progress(total_steps, f"train {cfg.method}", "step", show=acc.is_main_process,
+                                      initial=state.step))
 
     while state.step < total_steps and not (state.step and state.rollouts >= cfg.rollouts):
         t0 = time.time()
@@ -463,9 +485,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     final = out / "model"
     if acc.is_main_process:
         _check_finite(current_lm(), out)
-        save_model(current_lm(), tokenizer, final, templates, meta)
+        with writing(final, partial=final):  # the checkpoint (written at the last step) stays
+            save_model(current_lm(), tokenizer, final, templates, meta)
         if cfg.lora_merge:
-            save_model(current_lm().merge_and_unload(), tokenizer, out / "model-merged", templates)
+            with writing(out / "model-merged", partial=out / "model-merged"):
+                save_model(current_lm().merge_and_unload(), tokenizer, out / "model-merged", templates)
     acc.wait_for_everyone()
     acc.end_training()
     summary = {"model": str(final), "processes": acc.num_processes, **asdict(state)}
@@ -483,7 +507,10 @@ def _records(cfg: TrainConfig):
         level = cfg.level or task.post_level
         train_recs = records_from_task(task.split("train", cfg.train_n, level, seed=cfg.seed))
         eval_recs = records_from_task(task.split(cfg.eval_split, cfg.eval_n, level)) if cfg.eval_n else []
-    return task, [with_reference(r, cfg.reference, task) for r in train_recs], eval_recs
+    train_recs = [with_reference(r, cfg.reference, task) for r in train_recs]
+    if cfg.shuffle_references:
+        train_recs = shuffle_references(train_recs, cfg.seed)
+    return task, train_recs, eval_recs
 
 
 def _curriculum_records(cfg: TrainConfig, task) -> list:
@@ -551,8 +578,9 @@ def _finite_or_none(v):
 
 def _log(acc, out: Path, row: dict) -> None:
     if acc.is_main_process:  # strict JSON: a non-finite number is written as null
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
+        line = json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n"
+        with writing(out / "metrics.jsonl"), open(out / "metrics.jsonl", "a") as f:
+            f.write(line)
     acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
 
 
@@ -608,11 +636,14 @@ def _save_checkpoint(acc, out: Path, lm, save_optimizer, method, state: State, t
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    save_optimizer(tmp)
+    # a write that fails (a full disk) removes the half-written folder; the previous checkpoint stays
+    with writing(tmp, partial=tmp):
+        save_optimizer(tmp)
+        if acc.is_main_process:
+            save_model(lm, tokenizer, tmp / "model", templates, meta)
+            torch.save(method.state_dict(), tmp / "method.pt")
+            (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks it complete
     if acc.is_main_process:
-        save_model(lm, tokenizer, tmp / "model", templates, meta)
-        torch.save(method.state_dict(), tmp / "method.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks it complete
         if good.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(good, old)

@@ -13,7 +13,8 @@ import importlib
 import importlib.util
 from typing import Callable
 
-from handrail.tasks import ANSWER_MARK, answers_match, extract_answer
+from handrail.data import reference_answer
+from handrail.answers import ANSWER_MARK, answers_match, extract_answer, lenient, reader_answer, stated_before_work
 
 Verify = Callable[[str, str], bool]
 
@@ -56,8 +57,9 @@ def load(spec: str) -> Verify:
 
 
 class FileTask:
-    """What a task gives the loop (verify, leaked) for records from a file: the chosen verifier,
-    and the data-file leak (a final answer on the completion's first non-empty line)."""
+    """What a task gives the loop for records from a file: the chosen verifier (strict), the same
+    verifier on the answer a reader finds (lenient; a custom verifier is its own judge, so there
+    both are the same), and the free-text leak (answers.stated_before_work)."""
 
     def __init__(self, verifier: str = "exact"):
         self.verifier = verifier
@@ -71,6 +73,11 @@ class FileTask:
                 return False
             raise
 
+    def verify_lenient(self, completion: str, answer: str) -> bool:
+        if self.verifier not in BUILTIN:
+            return self.verify(completion, answer)
+        return lenient(self.verify, completion, answer)
+
     def step_valid(self, prompt, previous: list[str], step: str) -> bool:
         """Form only (no program knows a file task's arithmetic): a non-empty step, and nothing
         after a final-answer line."""
@@ -78,6 +85,6 @@ class FileTask:
 
     checked = None  # no whole-completion check without the answer: search needs value=answer
 
-    def leaked(self, completion: str, level: int = 0) -> bool:
-        lines = [ln for ln in completion.splitlines() if ln.strip()]
-        return bool(lines) and ANSWER_MARK in lines[0]
+    def leak(self, completion: str, record) -> bool:
+        """The final answer (the completion's own, or the reference's) written before any work."""
+        return stated_before_work(completion, record.text, [reader_answer(completion), reference_answer(record)])

@@ -48,13 +48,18 @@ def test_compare_runs_each_scenario_and_records_what_reproduces_it(tiny_model, t
     out = tmp_path / "cmp"
     p = run("compare", "--model", tiny_model, "--methods", "self-distill:considered,sft", "--rollouts", "16",
             "--seeds", "1", "--out", str(out), "samples_per_step=8", "eval_points=1",
-            "scenarios=full,terse,answer,hard", "train=eval_n=8,max_new_tokens=24,level=2,train_n=64,bootstrap_k=0")
+            "scenarios=full,terse,answer,hard,terse-shuffled,noref",
+            "train=eval_n=8,max_new_tokens=24,level=2,train_n=64,bootstrap_k=0")
     res = json.loads((out / "results.json").read_text())["scenarios"]
-    assert list(res) == ["full", "terse", "answer", "hard"]
+    assert list(res) == ["full", "terse", "answer", "hard", "terse-shuffled", "noref"]
     cfgs = {name: json.loads((out / name / "sft-s0" / "config.json").read_text()) for name in res}
     assert cfgs["terse"]["reference"] == "terse" and cfgs["answer"]["reference"] == "answer"
     assert cfgs["hard"]["level"] == 2  # an explicit level in train= wins over the scenario's
-    assert p.stdout.count("### scenario:") == 4
+    # the controls: another problem's (terse) reference; the teacher's prompt with none
+    assert cfgs["terse-shuffled"]["shuffle_references"] and cfgs["terse-shuffled"]["reference"] == "terse"
+    assert cfgs["noref"]["hint"] == "blank" and not cfgs["full"]["shuffle_references"]
+    assert p.stdout.count("### scenario:") == 6
+    assert "| lenient end |" in (out / "table.md").read_text()
     env = json.loads((out / "environment.json").read_text())
     assert env["cpu_capability"] and env["torch"] and "base_pretrain_result" in env
     bad = subprocess.run([sys.executable, "-m", "handrail.cli", "compare", "--model", tiny_model, "--out",

@@ -32,12 +32,18 @@ def run(summer, fn, args, **kw):
     return [o.detach() for o in out], hidden.grad.clone(), head.weight.grad.clone()
 
 
+def counter(hidden_T, head_T, on: bool):
+    """A counterfactual teacher's (hidden, head): the teacher on other hidden states, or None."""
+    return (hidden_T.flip(0), head_T) if on else None
+
+
 @pytest.mark.parametrize("rule", list(RULES))
-def test_chunked_distill_equals_naive(rule):
+@pytest.mark.parametrize("counterfactual", [False, True])
+def test_chunked_distill_equals_naive(rule, counterfactual):
     head, head_T, hidden, hidden_T, mask, _ = setup()
     fn = distill_chunk(make_rule(rule))
     hidden_0 = hidden + 0.3 * torch.randn(B, T, H, generator=torch.Generator().manual_seed(5))
-    kw = dict(refs=((hidden_T, head_T), (hidden_0, head)))
+    kw = dict(refs=((hidden_T, head_T), (hidden_0, head), counter(hidden_T, head_T, counterfactual)))
     a = run(chunked_sum, fn, (head, hidden, mask, None), chunk_size=8, **kw)
     b = run(naive_sum, fn, (head, hidden, mask, None), **kw)
     for x, y in zip(a[0], b[0]):
@@ -48,15 +54,15 @@ def test_chunked_distill_equals_naive(rule):
 
 
 @pytest.mark.parametrize("rule", list(RULES))
-@pytest.mark.parametrize("anchor", [False, True])
-def test_fused_distill_equals_naive_in_value_and_gradient(rule, anchor):
+@pytest.mark.parametrize("anchor, counterfactual", [(False, False), (True, False), (False, True)])
+def test_fused_distill_equals_naive_in_value_and_gradient(rule, anchor, counterfactual):
     """The gradient taken in forward (p_S - q per position) is the one autograd finds."""
     from handrail.objectives import fused_distill_sum
 
     head, head_T, hidden, hidden_T, mask, _ = setup(3)
     hidden_0 = hidden + 0.3 * torch.randn(B, T, H, generator=torch.Generator().manual_seed(6))
     use_T = (torch.rand(B, T, generator=torch.Generator().manual_seed(7)) > 0.3).float() if anchor else None
-    kw = dict(refs=((hidden_T, head_T), (hidden_0, head)))
+    kw = dict(refs=((hidden_T, head_T), (hidden_0, head), counter(hidden_T, head_T, counterfactual)))
     a = run(lambda fn, h, hd, m, u, **k: fused_distill_sum(make_rule(rule), h, hd, m, u, chunk_size=8, **k),
             None, (head, hidden, mask, use_T), **kw)
     b = run(naive_sum, distill_chunk(make_rule(rule)), (head, hidden, mask, use_T), **kw)
@@ -83,7 +89,7 @@ def test_no_gradient_reaches_the_teacher():
     head, head_T, hidden, hidden_T, mask, _ = setup(2)
     hidden_T.requires_grad_(True)
     out = chunked_sum(distill_chunk(make_rule("none")), hidden.requires_grad_(True), head, mask, None,
-                      chunk_size=10, refs=((hidden_T, head_T), None))
+                      chunk_size=10, refs=((hidden_T, head_T), None, None))
     out[0].backward()
     assert hidden_T.grad is None and head_T.weight.grad is None
 
@@ -128,7 +134,7 @@ def test_topk_teacher_with_every_token_is_the_full_loss(rule):
 
     head, head_T, hidden, hidden_T, mask, _ = setup(4)
     hidden_0 = hidden + 0.3 * torch.randn(B, T, H, generator=torch.Generator().manual_seed(8))
-    kw = dict(refs=((hidden_T, head_T), (hidden_0, head)))
+    kw = dict(refs=((hidden_T, head_T), (hidden_0, head), None))
     full = run(naive_sum, distill_chunk(make_rule(rule)), (head, hidden, mask, None), **kw)
     for k in (V, V - 1):  # V - 1: one token in the tail alone, which is that token exactly
         auto = run(naive_sum, distill_chunk(make_rule(rule), topk=k), (head, hidden, mask, None), **kw)
@@ -145,7 +151,7 @@ def test_topk_teacher_small_k():
     from handrail.objectives import fused_distill_sum
 
     head, head_T, hidden, hidden_T, mask, _ = setup(5)
-    kw = dict(refs=((hidden_T, head_T), None))
+    kw = dict(refs=((hidden_T, head_T), None, None))
     rule = make_rule("none")
     full = run(naive_sum, distill_chunk(rule), (head, hidden, mask, None), **kw)
     auto = run(naive_sum, distill_chunk(rule, topk=8), (head, hidden, mask, None), **kw)

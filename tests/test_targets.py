@@ -192,3 +192,33 @@ def test_rules_that_read_the_initial_student_fall_back_to_the_current_one():
         assert rule.needs_initial
         assert torch.allclose(rule(S, T), rule(S, T, S))
     assert not make_rule("trust-region").needs_initial
+
+
+@pytest.mark.parametrize("name", ["trust-region", "geometric", "none", "support", "anchored", "considered"])
+def test_a_counterfactual_teacher_cancels_what_any_reference_makes_it_say(name):
+    """The guessing case again, but the teacher shown a *wrong* reference puts as much on token 0
+    (stating an answer first is what any reference invites): the counterfactual teacher gives every
+    rule a fixed point at the initial student, where plain teachers moved the guess to the mode."""
+    from handrail.targets import counterfactual
+
+    S0, T = guessing_case(eps=0.05)
+    E = counterfactual(T, T.clone(), S0)
+    assert torch.allclose(E, S0, atol=1e-5)
+    S, _ = fixed_point(name, S0, E, iters=200, delta=1.0, top_p=0.97)
+    assert torch.allclose(S.exp(), S0.exp(), atol=1e-3)
+
+
+def test_a_counterfactual_teacher_keeps_what_only_the_right_reference_gives():
+    """Where only the right reference favours a token (2 over 1), the per-step fixed point is the
+    initial student tilted towards it by exactly that evidence, and the format both teachers share
+    (token 0) moves nowhere."""
+    from handrail.targets import counterfactual
+
+    S0, T = guessing_case(eps=0.05)
+    C = T.clone()
+    C[:, 2], C[:, 1] = T[:, 1], T[:, 2]  # a wrong reference prefers 1 over 2: the right one's evidence is for 2
+    E = counterfactual(T, C.log_softmax(-1), S0)
+    S, _ = fixed_point("trust-region", S0, E, iters=300, delta=1.0)
+    assert torch.allclose(S, E, atol=1e-4)
+    assert (S.exp()[:, 2] > 0.8).all()  # 0.3 * e^2 against 0.5 * e^-2: the reference's choice
+    assert torch.allclose(S.exp()[:, 0], S0.exp()[:, 0] * (S.exp()[:, 2] / S0.exp()[:, 2]) / math.exp(2), atol=1e-4)

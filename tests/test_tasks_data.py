@@ -5,7 +5,8 @@ import pytest
 
 from handrail.data import (DataError, Record, Templates, hint_for, load_records, reference_answer,
                            student_prompt, teacher_prompt)
-from handrail.tasks import TASKS, extract_answer, get_task
+from handrail.answers import extract_answer
+from handrail.tasks import TASKS, get_task
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -132,11 +133,18 @@ def test_verifiers_exact_math_and_a_users_function(tmp_path, monkeypatch):
 
     exact = FileTask("exact")
     assert exact.verify("2+2=4\n#### 4", "4") and not exact.verify("#### 5", "4")
-    assert exact.leaked("#### 4\n2+2=4") and not exact.leaked("2+2=4\n#### 4")
-    (tmp_path / "myverify.py").write_text("def check(completion, answer):\n    return answer in completion\n")
+    rec = Record("What is 2+2?", "2+2=4\n#### 4", "4")
+    assert exact.leak("#### 4\n2+2=4", rec) and not exact.leak("2+2=4\n#### 4", rec)
+    assert exact.leak("The answer is 4. Two and two make four.", rec)  # free text leaks too
+    assert not exact.verify("2+2=4, so the answer is 4.", "4") and exact.verify_lenient("2+2=4, so the answer is 4.", "4")
+    (tmp_path / "myverify.py").write_text("def check(completion, answer):\n    return answer in completion\n"
+                                          "def ends(completion, answer):\n    return completion.endswith(answer)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     mine = FileTask("myverify:check")
     assert mine.verify("the answer is 42", "42") and not mine.verify("41", "42")
+    # a user's verifier is its own judge: its lenient score is its strict one (rewritten as '#### 42'
+    # this completion would end with the answer)
+    assert not FileTask("myverify:ends").verify_lenient("42 is the answer", "42")
     for bad, msg in (("nope", "expected exact, math or module:function"), ("myverify:missing", "cannot load"),
                      ("no_such_module_x:f", "cannot load")):
         with pytest.raises(ValueError, match="config key 'verifier': " + msg):

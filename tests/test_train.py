@@ -39,6 +39,8 @@ def rows(out):
     dict(method="self-distill", rule="considered", rollout="guided", teacher="live"),  # a third KV cache: p_0
     dict(method="self-distill", rule="anchored", reference="terse"),
     dict(method="self-distill", rule="considered", reference="answer", bootstrap_k=0),
+    dict(method="self-distill", counterfactual="shuffled", shuffle_references=True),  # the two controls' machinery
+    dict(method="self-distill", hint="blank", teacher="live", gate="none"),  # no reference: live teacher == student at first
     dict(method="grpo", samples_per_prompt=4, prompts_per_step=4, kl_coef=0.05, rollouts=64),
     dict(method="grpo", samples_per_prompt=4, prompts_per_step=4, grpo_loss="grpo", rollouts=64),
     dict(method="grpo", samples_per_prompt=4, prompts_per_step=4, grpo_loss="dr_grpo", scale_rewards=False,
@@ -349,23 +351,41 @@ def test_a_base_with_a_nan_weight_is_refused(tiny_model, tmp_path):
 
 
 def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tiny_model, tmp_path):
+    """Also: while it runs, a second run on its folder is refused (naming its pid) and changes
+    nothing; its log, written to a file, is whole lines; and --resume then finishes it."""
     import signal
     import time
 
     out = tmp_path / "r"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-m", "handrail.cli", "train", "--model", tiny_model, "--out", str(out), "--rollouts",
             "4000", "prompts_per_step=8", "max_new_tokens=24", "eval_n=0", "train_n=64", "level=2",
             "checkpoint_every=2", "threads=1"]
-    p = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    for _ in range(600):  # until the first checkpoint exists
-        if (out / "checkpoint" / "state.json").exists():
-            break
-        time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
+    with open(tmp_path / "log.txt", "w") as log:
+        p = subprocess.Popen(args, stderr=log, text=True, env=env)
+        for _ in range(600):  # until the first checkpoint exists
+            if (out / "checkpoint" / "state.json").exists():
+                break
+            time.sleep(0.1)
+        rows_before = (out / "metrics.jsonl").read_text().count("\n")
+        second = subprocess.run([sys.executable, "-m", "handrail.cli", "train", "--resume", str(out), "threads=1"],
+                                capture_output=True, text=True, env=env)
+        assert second.returncode == 2 and f"another run (pid {p.pid}) is using this folder" in second.stderr
+        assert (out / "metrics.jsonl").read_text().count("\n") >= rows_before  # the holder goes on untouched
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=120)
+    err = (tmp_path / "log.txt").read_text()
     assert p.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err
+    # a log file holds whole lines: no carriage returns, no empty lines, the closing message on its own
+    assert "\r" not in err and "\n\n" not in err and err.endswith("\n")
+    assert any(line.startswith("handrail train: terminated (SIGTERM)") for line in err.splitlines())
     step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
     assert step >= 2
+    done = subprocess.run([sys.executable, "-m", "handrail.cli", "train", "--resume", str(out),
+                           f"rollouts={(step + 2) * 8}"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in rows(out)] == list(range(1, step + 3))  # on from the checkpoint, no step twice
+    assert (out / "model" / "config.json").exists()
 
 
 # checkpointing: the model's forward (recomputed) against the lean one, equal to float rounding. The
@@ -476,3 +496,29 @@ def test_the_shipped_config_presets_build():
         built = build(TrainConfig, p, ["model=x"])
         assert built.model == "x"
     assert build(TrainConfig, presets[[p.name for p in presets].index("fsdp.yaml")], ["model=x"]).fsdp is True
+
+
+def test_the_counterfactual_teacher_reads_another_problems_reference(tiny_model):
+    """Each row's counterfactual prompt is its own problem with the next distinct problem's
+    reference, and the target built from it differs from the plain teacher's."""
+    from handrail.data import records_from_task, teacher_prompt
+    from handrail.methods import METHODS, World
+    from handrail.models import load_model
+    from handrail.rollout import given_rollout
+    from handrail.tasks import get_task
+
+    lm, tok, tpl = load_model(tiny_model)
+    recs = records_from_task(get_task("chain").split("train", 3, 2, seed=0))
+    batch = [recs[0], recs[0], recs[1], recs[2]]  # a repeated problem gets the same wrong reference
+    conf = TrainConfig(model=tiny_model, counterfactual="shuffled", prompts_per_step=4)
+    method = METHODS["self-distill"](conf, lm, tok, tpl, get_task("chain"))
+    wrong = [tok.decode(ids) for ids in method.counterfactual_prompts(batch)]
+    assert wrong[0] == wrong[1] == teacher_prompt(tok, recs[0], tpl, recs[1].solution)
+    assert wrong[2] == teacher_prompt(tok, recs[1], tpl, recs[2].solution)
+    assert wrong[3] == teacher_prompt(tok, recs[2], tpl, recs[0].solution)
+    rollout = given_rollout(tok, method.prompts(batch), [r.solution for r in batch])
+    signal = method.score(batch, rollout, lm, World())
+    assert signal.counterfactual is not None and signal.initial is not None
+    assert not torch.equal(signal.counterfactual[0], signal.teacher[0])
+    with pytest.raises(ValueError, match="prompts_per_step must be at least 2"):
+        TrainConfig(model=tiny_model, counterfactual="shuffled", prompts_per_step=1).validate()

@@ -1,0 +1,128 @@
+"""Reading a completion's final answer, defined once for every command.
+
+- **strict**: the answer in the verifier's own format: the text after the last `####` (or what a
+  `math` / custom verifier accepts). What a grader that insists on the format counts.
+- **lenient**: the final answer where a reader would find it: the last answer a completion marks
+  (`#### x`, `\\boxed{x}`, "the answer is x", "answer: x"), else its last number. A small instruct
+  model often solves a problem and ignores the requested format; strict scoring then measures
+  the format, lenient the problem. Reports give both.
+- **leak** (`stated_before_work`): the final answer written before any work that could produce
+  it, in free text as much as in `####` form: "The answer is 68. Ivy had 62..." leaks, "62 + 6 =
+  68" and "she gets 6 more: 62 + 6 = 68" do not. Work is an arithmetic expression (a number, an
+  operator, a number: `62 + 6`, `3 x 4`, `12 plus 30`). A completion that states an answer and
+  shows no work at all leaks. Answers that also appear in the problem text cannot be judged this
+  way and never count as leaked.
+"""
+
+from __future__ import annotations
+
+import re
+
+ANSWER_MARK = "####"
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?![\d])")
+# "the answer is 42", "Answer: 42", "final answer is $42$": what follows, up to the end of its line
+_SAYS = re.compile(r"answer\s*(?:is|:|=|would be|will be)\s*[:\-]?\s*([^\n]*)", re.IGNORECASE)
+_WORK = re.compile(r"\d\s*(?:[+\-*/×÷x=]|plus|minus|times|divided by|multiplied by|added to)\s*\(?\$?-?\d",
+                   re.IGNORECASE)
+
+
+def extract_answer(completion: str, mark: str = ANSWER_MARK) -> str | None:
+    """The strict answer: the text after the last answer mark, up to the end of that line, or None."""
+    if mark not in completion:
+        return None
+    tail = completion.rsplit(mark, 1)[1].strip()
+    return tail.splitlines()[0].strip() if tail else ""
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").replace("$", "").strip())
+    except ValueError:
+        return None
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    if predicted is None:
+        return False
+    p, r = predicted.strip().rstrip("."), reference.strip().rstrip(".")
+    if p == r:
+        return True
+    pn, rn = _as_number(p), _as_number(r)  # "42", "42.0", "$42" and "1,042" read as numbers
+    return pn is not None and pn == rn
+
+
+def _boxed(text: str) -> list[tuple[int, str]]:
+    """(position, contents) of every balanced \\boxed{...}."""
+    out, start = [], text.find("\\boxed{")
+    while start >= 0:
+        i, depth = start + len("\\boxed{"), 1
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                out.append((start, text[i:j].strip()))
+                break
+        start = text.find("\\boxed{", start + 1)
+    return out
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last \\boxed{...} in `text`, braces balanced, or None."""
+    found = _boxed(text)
+    return found[-1][1] if found else None
+
+
+def _value(text: str) -> str:
+    """An answer's value as written after its marker: its first number if it has one (so "68
+    stickers." is 68), else the text without markdown and a closing full stop."""
+    m = _NUMBER.search(text)
+    if m:
+        return m.group().replace(",", "")
+    return text.strip().rstrip(".").strip("*$_ ").rstrip(".")
+
+
+def reader_answer(completion: str) -> str | None:
+    """The lenient answer: the last marked one (`####`, `\\boxed{}`, "the answer is"), else the
+    last number in the text, else None."""
+    marked = [(m.start(), m.group(1)) for m in _SAYS.finditer(completion)]
+    marked += _boxed(completion)
+    if ANSWER_MARK in completion:
+        marked.append((completion.rfind(ANSWER_MARK), extract_answer(completion)))
+    marked = [(pos, _value(v)) for pos, v in marked if v and v.strip()]
+    marked = [(pos, v) for pos, v in marked if v]
+    if marked:
+        return max(marked)[1]
+    numbers = _NUMBER.findall(completion)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def lenient(verify, completion: str, answer: str) -> bool:
+    """`verify` (a strict check: completion, answer -> bool) passed, or passes on the answer a
+    reader finds (reader_answer) written in the strict format."""
+    if verify(completion, answer):
+        return True
+    found = reader_answer(completion)
+    return found is not None and verify(f"{ANSWER_MARK} {found}", answer)
+
+
+def _first_mention(text: str, answer: str) -> int | None:
+    """Where `answer` is first written in `text`: as a number equal in value, or as words."""
+    value = _as_number(answer)
+    if value is not None:
+        return next((m.start() for m in _NUMBER.finditer(text) if _as_number(m.group()) == value), None)
+    if not answer.strip():
+        return None
+    m = re.search(r"(?<!\w)" + re.escape(answer.strip()) + r"(?!\w)", text, re.IGNORECASE)
+    return None if m is None else m.start()
+
+
+def stated_before_work(completion: str, prompt: str, answers: list[str | None]) -> bool:
+    """True if one of `answers` (the completion's own final answer, the reference's) is written
+    before the completion shows any work (see the module docstring)."""
+    for answer in {a.strip() for a in answers if a and a.strip()}:
+        if _first_mention(prompt, answer) is not None:
+            continue  # the problem states it: writing it early proves nothing
+        at = _first_mention(completion, answer)
+        if at is not None and not _WORK.search(completion[:at]):
+            return True
+    return False

@@ -1,0 +1,52 @@
+"""Strict and lenient answers, and the free-text leak (handrail/answers.py)."""
+
+import pytest
+
+from handrail.answers import answers_match, extract_answer, last_boxed, lenient, reader_answer, stated_before_work
+from handrail.verifiers import exact
+
+PROMPT = "Ivy has 62 stickers and gets 6 more. How many stickers does Ivy have now?"
+
+
+@pytest.mark.parametrize("text, found", [
+    ("62 + 6 = 68\n#### 68", "68"),
+    ("She has 62 + 6 = 68 stickers.\nThe answer is 68.", "68"),
+    ("So the final answer is $\\boxed{1,042}$.", "1042"),
+    ("Answer: 17 apples", "17"),
+    ("#### 48\nThe answer is 48.\n#### 5\nThe answer is 5.", "5"),  # the last answer it states
+    ("The answer is 70, so 62 + 6 = 68", "70"),  # a marked answer beats later unmarked numbers
+    ("We get 3, then 12.", "12"),  # no marker: the last number
+    ("I cannot tell.", None),
+    ("The answer is **yes**.", "yes"),
+])
+def test_reader_answer_is_where_a_reader_looks(text, found):
+    assert reader_answer(text) == found
+
+
+def test_strict_reads_the_format_and_lenient_reads_the_text():
+    assert exact("62 + 6 = 68\n#### 68", "68") and not exact("62 + 6 = 68, so she has 68.", "68")
+    assert lenient(exact, "62 + 6 = 68, so she has 68.", "68")
+    assert not lenient(exact, "62 + 6 = 69, so she has 69.", "68")
+    assert not lenient(exact, "no numbers at all", "68")
+    assert answers_match("$1,042.0", "1042") and not answers_match("1042", "104")
+    assert extract_answer("a\n#### 4\nb") == "4" and last_boxed("\\boxed{\\frac{1}{2}} and \\boxed{x^{2}}") == "x^{2}"
+
+
+@pytest.mark.parametrize("completion, leaked", [
+    ("The answer is 68. Ivy had 62 stickers and got 6 more.", True),  # stated first, worked after
+    ("68", True),  # an answer and no work at all
+    ("#### 68\n62 + 6 = 68", True),  # the lab's own form
+    ("She has 68 stickers.", True),
+    ("The answer is 70.", True),  # a wrong answer guessed up front leaks as much
+    ("62 + 6 = 68\n#### 68", False),
+    ("She gets 6 more: 62 + 6 = 68.\nThe answer is 68.", False),
+    ("Sixty-two plus six: 62 plus 6 is 68.", False),
+    ("I do not know.", False),  # no answer stated: nothing leaked
+])
+def test_the_answer_before_the_work_leaks_in_any_format(completion, leaked):
+    assert stated_before_work(completion, PROMPT, [reader_answer(completion), "68"]) is leaked
+
+
+def test_an_answer_the_problem_already_states_cannot_leak():
+    # "how many does she still have" when nothing changed: 62 is in the problem text itself
+    assert not stated_before_work("62.", "Ivy has 62 stickers and gives 0 away. How many now?", ["62"])
