@@ -9,9 +9,12 @@
 - **leak** (`stated_before_work`): the final answer written before any work that could produce
   it, in free text as much as in `####` form: "The answer is 68. Ivy had 62..." leaks, "62 + 6 =
   68" and "she gets 6 more: 62 + 6 = 68" do not. Work is an arithmetic expression (a number, an
-  operator, a number: `62 + 6`, `3 x 4`, `12 plus 30`). A completion that states an answer and
-  shows no work at all leaks. Answers that also appear in the problem text cannot be judged this
-  way and never count as leaked.
+  operator, a number: `62 + 6`, `3 x 4`, `12 plus 30`). A completion leaks if it marks a final
+  answer (`####`, `\\boxed{}`, "the answer is") with no work before it ("Ana has 24 books. The
+  answer is 24."), or if an answer (its own, or the reference's) is first written before any
+  work; an early mention of a number the problem itself states is not counted by the second rule
+  (restating the problem is not answering it). A problem with
+  no number in it has no arithmetic to show, and the measure does not apply (never a leak).
 """
 
 from __future__ import annotations
@@ -81,9 +84,9 @@ def _value(text: str) -> str:
     return text.strip().rstrip(".").strip("*$_ ").rstrip(".")
 
 
-def reader_answer(completion: str) -> str | None:
-    """The lenient answer: the last marked one (`####`, `\\boxed{}`, "the answer is"), else the
-    last number in the text, else None."""
+def _stated(completion: str) -> tuple[int, str, bool] | None:
+    """(where, what, marked) of the lenient answer: the last marked one (`####`, `\\boxed{}`, "the
+    answer is"), else the last number in the text (not marked), else None."""
     marked = [(m.start(), m.group(1)) for m in _SAYS.finditer(completion)]
     marked += _boxed(completion)
     if ANSWER_MARK in completion:
@@ -91,9 +94,16 @@ def reader_answer(completion: str) -> str | None:
     marked = [(pos, _value(v)) for pos, v in marked if v and v.strip()]
     marked = [(pos, v) for pos, v in marked if v]
     if marked:
-        return max(marked)[1]
-    numbers = _NUMBER.findall(completion)
-    return numbers[-1].replace(",", "") if numbers else None
+        return (*max(marked), True)
+    numbers = list(_NUMBER.finditer(completion))
+    return (numbers[-1].start(), numbers[-1].group().replace(",", ""), False) if numbers else None
+
+
+def reader_answer(completion: str) -> str | None:
+    """The lenient answer: the last marked one (`####`, `\\boxed{}`, "the answer is"), else the
+    last number in the text, else None."""
+    found = _stated(completion)
+    return None if found is None else found[1]
 
 
 def lenient(verify, completion: str, answer: str) -> bool:
@@ -116,12 +126,23 @@ def _first_mention(text: str, answer: str) -> int | None:
     return None if m is None else m.start()
 
 
-def stated_before_work(completion: str, prompt: str, answers: list[str | None]) -> bool:
-    """True if one of `answers` (the completion's own final answer, the reference's) is written
-    before the completion shows any work (see the module docstring)."""
+def stated_before_work(completion: str, prompt: str, reference: str | None = None) -> bool:
+    """True if the completion marks a final answer with no work before it, or if an answer (the
+    one it marks, or the `reference`) is first written before any work (see the module
+    docstring). For a problem with no number in it there is no arithmetic to show: never a leak.
+    An unmarked last number is not taken for a stated answer here (a truncated attempt often ends
+    on a number of the problem, restated)."""
+    if not _NUMBER.search(prompt):
+        return False
+    stated = _stated(completion)
+    answers = [reference]
+    if stated is not None and stated[2]:
+        if not _WORK.search(completion[:stated[0]]):
+            return True  # "Ana has 24 books. The answer is 24.": an answer, and no work at all before it
+        answers.append(stated[1])
     for answer in {a.strip() for a in answers if a and a.strip()}:
         if _first_mention(prompt, answer) is not None:
-            continue  # the problem states it: writing it early proves nothing
+            continue  # the problem states it: writing it early (restating the problem) proves nothing
         at = _first_mention(completion, answer)
         if at is not None and not _WORK.search(completion[:at]):
             return True

@@ -1,4 +1,4 @@
-"""Answer-only records: make worked solutions first, then train on them (DESIGN §1.7).
+"""Answer-only records: make worked solutions first, then train on them (docs/method.md §3).
 
 A record with only a final answer gives the teacher little to go on (and an answer-only hint
 invites the model to state the answer before the work: the "impossible knowledge" case). The

@@ -215,7 +215,7 @@ def cmd_demo(a) -> int:
     return 0
 
 
-# The demo: every method on every scenario of the lab (DESIGN §3b), from the default base, each
+# The demo: every method on every scenario of the lab (README: "Embedded tasks and the lab"), from the default base, each
 # at the learning rate it does best with on the validation split. 3e-4 was swept too and never
 # chosen (GRPO collapses there: BENCHMARKS.md §L2); leaving it out keeps the demo under 15 min.
 DEMO = dict(methods="self-distill,self-distill:none,sft,grpo", scenarios="full,terse,answer",

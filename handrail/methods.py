@@ -136,8 +136,9 @@ class Method:
         return completion_hidden(policy, rollout.prompt_ids, rollout, self.tokenizer.pad_token_id,
                                  loss=lambda head, hidden: self.loss(head, hidden, rollout, signal))
 
-    def guide(self, records, lm_now):
-        """A rollout.Guide for guided rollouts, or None to sample the student alone."""
+    def guide(self, records, lm_now, done: float = 0.0):
+        """A rollout.Guide for guided rollouts, or None to sample the student alone (`done`: the
+        share of training steps already taken)."""
         return None
 
     def after_step(self, lm) -> None:
@@ -155,7 +156,7 @@ class Method:
 
 
 class SelfDistill(Method):
-    """On-policy self-distillation from a privileged teacher (DESIGN §1): the student samples
+    """On-policy self-distillation from a privileged teacher (docs/method.md): the student samples
     g ~ pi(.|P_S); the same model shown the reference, [P_T, g], gives teacher logits; the target
     is q = A(p_S, p_T) (an aggregation rule, targets.py) and the loss is sum_t KL(q_t || p_S,t)
     with q held constant. Teacher weights are the initial model (`frozen`), the current one
@@ -196,8 +197,8 @@ class SelfDistill(Method):
         wrong = [replace(r, solution=hint_for(after[id(r)], self.cfg.hint)) for r in records]
         return prompt_ids(self.tokenizer, wrong, self.templates, "solution")  # not cached: new every step
 
-    def guide(self, records, lm_now):
-        if self.cfg.rollout != "guided":
+    def guide(self, records, lm_now, done: float = 0.0):
+        if self.cfg.rollout != "guided" or done >= self.cfg.guided_until:
             return None
         teacher = self.teacher if self.teacher is not None else lm_now
         initial = None

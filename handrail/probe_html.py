@@ -34,9 +34,11 @@ function show(el) {
   const t = data[+el.dataset.a][+el.dataset.t];
   const row = (name) => '<tr><td>' + name + '</td>' + t[name].map(
       ([s, p]) => '<td>' + JSON.stringify(s).replace(/</g, '&lt;') + ' ' + (100 * p).toFixed(1) + '%</td>').join('') + '</tr>';
-  panel.innerHTML = '<div>token ' + JSON.stringify(t.text).replace(/</g, '&lt;') + ': the aggregate moves the student ' +
-      t.moved.toFixed(3) + ' nats here' + (t.silenced ? ' (silenced by the gate: no loss in training)' : '') +
-      '</div><table>' + row('student') + row('teacher') + row('target') + '</table>';
+  panel.innerHTML = '<div>the student wrote ' + JSON.stringify(t.text).replace(/</g, '&lt;') +
+      ' here; the aggregate moves its distribution ' + t.moved.toFixed(3) + ' nats' +
+      (t.silenced ? ' (silenced by the gate: no loss in training)' : '') +
+      '. Most likely tokens for this position:</div><table>' + row('student') + row('teacher') + row('target') +
+      '</table>';
   panel.dataset.shown = el.dataset.a + ':' + el.dataset.t;
 }
 document.querySelectorAll('.tok').forEach(el => el.addEventListener('mouseover', () => show(el)));
@@ -71,8 +73,8 @@ def render(report: dict) -> str:
               f'<span class="key" style="background:{_colour(scale, scale)}"></span> {scale:.2f} nats or more, '
               f'<span class="key" style="background:{_colour(scale / 4, scale)}"></span> {scale / 4:.2f}. '
               f'<span class="cut">✂</span> marks where the divergence gate ({html.escape(report["aggregate"]["gate"])}) '
-              f'silences the teacher; dotted tokens after it carry no loss. Hover a token for the most likely next '
-              f'tokens of the student, the teacher (shown the reference) and the target.</p>')
+              f'silences the teacher; dotted tokens after it carry no loss. Hover a token for what the student, the '
+              f'teacher (shown the reference) and the target find most likely at that position.</p>')
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>handrail probe: "
             f"{html.escape(str(report['model']))}</title><style>{_STYLE}</style></head><body>"
             f"<h1>handrail probe</h1><p>model {html.escape(str(report['model']))}, "

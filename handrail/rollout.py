@@ -75,7 +75,7 @@ def choose(logits_B_V: torch.Tensor, temperature: float, top_p: float, noise_B_V
 
 @dataclass
 class Guide:
-    """Guided decoding (DESIGN §1.6): a second model pass on the teacher's prompt, whose
+    """Guided decoding (docs/method.md §3): a second model pass on the teacher's prompt, whose
     distribution is aggregated with the student's by `rule` at every step before sampling."""
 
     model: object  # the teacher (often the same weights as the student)

@@ -5,7 +5,7 @@ two moments, split across processes; each decoder layer is gathered only for its
 backward. What runs outside the training forward — sampling, a live teacher's pass, evaluation,
 saving — reads `rollout_lm`, a plain full copy of the weights on every process, refreshed from
 the shards after each optimizer step. That copy is the seam where a separate inference engine
-would sit (DESIGN: the rollout source); it costs one set of weights per process, against the
+would sit (README: "Roadmap"); it costs one set of weights per process, against the
 four (weights, gradients, two moments) that unsharded data-parallel training keeps.
 
 accelerate does not set FSDP up on the CPU (it reports no distributed type there), so this calls

@@ -84,6 +84,7 @@ class TrainConfig:
     intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
     gate: str = "divergence"  # none | divergence: silence the teacher after the student leaves its path | point: only where it leaves
     rollout: str = "student"  # student: g ~ pi(.|P_S) | guided: each token from A(p_S, p_T) | logged: the data's turns
+    guided_until: float = 1.0  # rollout=guided: the share of training steps, from the start, whose rollouts are guided (the student's own after)
     gate_prob: float = 0.05  # divergence gate: a sampled token the teacher gives < this ends its say
     after_gate: str = "free"  # where the gate silences the teacher: free (no loss) | anchor (pull towards the initial model)
     rollouts: int = 8192  # budget: sampled student completions, all processes together (BENCHMARKS.md §2c)
@@ -139,7 +140,7 @@ class TrainConfig:
 
     RANGES = {
         "ema_decay": "[0, 1]", "lam": "[0, 1]", "delta": "[0, )", "tau": "[0, 1]", "lam_max": "[0, 1]",
-        "support_top_p": "(0, 1]", "intervene_kl": "[0, )", "gate_prob": "[0, 1]", "rollouts": "[1, )",
+        "support_top_p": "(0, 1]", "intervene_kl": "[0, )", "gate_prob": "[0, 1]", "guided_until": "[0, 1]", "rollouts": "[1, )",
         "bootstrap_k": "[0, )", "bootstrap_rollouts": "[0, )", "prompts_per_step": "[1, )",
         "samples_per_prompt": "[1, )", "max_new_tokens": "[1, )", "temperature": "[0, )", "top_p": "(0, 1]",
         "lr": "(0, )", "weight_decay": "[0, )", "grad_clip": "(0, )", "clip_eps": "(0, )", "teacher_weight_clip": "[0, 1]", "kl_coef": "[0, )",
@@ -424,7 +425,7 @@ def _train(cfg: TrainConfig, resume: bool, log, held: contextlib.ExitStack) -> d
                              max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
                              temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=cfg.seed * 100_003 + state.step, row_offset=rows.start,
-                             global_rows=len(batch), guide=method.guide(local, lm_now))
+                             global_rows=len(batch), guide=method.guide(local, lm_now, state.step / total_steps))
         else:
             rollout = method.given_rollout(local, acc.device, lm_now)
         lm_now.train()

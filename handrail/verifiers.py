@@ -14,7 +14,7 @@ import importlib.util
 from typing import Callable
 
 from handrail.data import reference_answer
-from handrail.answers import ANSWER_MARK, answers_match, extract_answer, lenient, reader_answer, stated_before_work
+from handrail.answers import ANSWER_MARK, answers_match, extract_answer, lenient, stated_before_work
 
 Verify = Callable[[str, str], bool]
 
@@ -87,4 +87,4 @@ class FileTask:
 
     def leak(self, completion: str, record) -> bool:
         """The final answer (the completion's own, or the reference's) written before any work."""
-        return stated_before_work(completion, record.text, [reader_answer(completion), reference_answer(record)])
+        return stated_before_work(completion, record.text, reference_answer(record))

@@ -42,11 +42,26 @@ def test_strict_reads_the_format_and_lenient_reads_the_text():
     ("She gets 6 more: 62 + 6 = 68.\nThe answer is 68.", False),
     ("Sixty-two plus six: 62 plus 6 is 68.", False),
     ("I do not know.", False),  # no answer stated: nothing leaked
+    ("1. First find how many she has.\n2. Then add 3 of them", False),  # list numbers are not answers
 ])
 def test_the_answer_before_the_work_leaks_in_any_format(completion, leaked):
-    assert stated_before_work(completion, PROMPT, [reader_answer(completion), "68"]) is leaked
+    assert stated_before_work(completion, PROMPT, "68") is leaked
 
 
-def test_an_answer_the_problem_already_states_cannot_leak():
-    # "how many does she still have" when nothing changed: 62 is in the problem text itself
-    assert not stated_before_work("62.", "Ivy has 62 stickers and gives 0 away. How many now?", ["62"])
+def test_restating_the_problem_before_the_work_is_not_a_leak():
+    # the answer is a number of the problem itself: restating the problem writes it before the work
+    prompt = "Ivy has 62 stickers and gives 0 away. How many now?"
+    text = "Ivy has 62 stickers. She gives 0 away: 62 - 0 = 62.\n#### 62"
+    assert not stated_before_work(text, prompt, "62")
+
+
+def test_restating_a_number_of_the_problem_as_the_answer_with_no_work_leaks():
+    # what a student taught to guess wrote (BENCHMARKS): the problem's own number, stated as the answer
+    prompt = "Ana has 24 books. She uses 3. How many books does Ana have now?"
+    for text in ("Ana has 24 books.\n\nThe answer is 24.", "The answer is 24.", "#### 24"):
+        assert stated_before_work(text, prompt, "21"), text
+    # restating the problem and stopping (a truncated attempt) answers nothing: not a leak
+    assert not stated_before_work("Ana has 24 books. So we can calcu", prompt, "21")
+    assert not stated_before_work("Ana has 24 books. She uses 3: 24 - 3 = 21.\nThe answer is 21.", prompt, "21")
+    # no number in the problem, no arithmetic to show: the measure does not apply
+    assert not stated_before_work("Paris.", "What is the capital of France?", "Paris")

@@ -120,6 +120,13 @@ def test_efficiency_ratio_cases():
 
     r = efficiency_ratio(res([0.1, 0.2, 0.3, 0.4], [0.1, 0.4, 0.4, 0.5]))
     assert r["ratio"] == 3.0 and r["per_seed"] == [3.0] and r["wall_clock_ratio"] == 3.0
+    # reached at self-distillation's first evaluation, with GRPO's best at its last: a bound, said so
+    assert r["lower_bound"] and r["grpo_still_rising"] and "at least" in r["message"]
+    r = efficiency_ratio(res([0.1, 0.2, 0.4, 0.3, 0.3], [0.1, 0.2, 0.4, 0.5, 0.5]))
+    assert r["ratio"] == 1.0 and not r["lower_bound"] and not r["grpo_still_rising"]
+    # GRPO with a budget of its own (compare: grpo+rollouts=N) is found by its method name
+    longer = {"grpo+rollouts=64": one([0.1, 0.2, 0.3, 0.4, 0.45]), "self-distill": one([0.1, 0.2, 0.5])}
+    assert efficiency_ratio(longer)["ratio"] == 2.0
     assert efficiency_ratio(res([0.1, 0.2], [0.1, 0.15]))["ratio"] is None
     # the target is GRPO's best, not its last: a GRPO that peaks and falls still defines one
     assert efficiency_ratio(res([0.1, 0.3, 0.2], [0.1, 0.3, 0.4]))["ratio"] == 1.0

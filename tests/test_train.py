@@ -522,3 +522,19 @@ def test_the_counterfactual_teacher_reads_another_problems_reference(tiny_model)
     assert not torch.equal(signal.counterfactual[0], signal.teacher[0])
     with pytest.raises(ValueError, match="prompts_per_step must be at least 2"):
         TrainConfig(model=tiny_model, counterfactual="shuffled", prompts_per_step=1).validate()
+
+
+def test_guided_rollouts_for_the_first_part_of_training_only(tiny_model):
+    from handrail.data import records_from_task
+    from handrail.methods import METHODS
+    from handrail.models import load_model
+    from handrail.tasks import get_task
+
+    lm, tok, tpl = load_model(tiny_model)
+    recs = records_from_task(get_task("chain").split("train", 2, 2, seed=0))
+    conf = TrainConfig(model=tiny_model, rollout="guided", guided_until=0.25)
+    method = METHODS["self-distill"](conf, lm, tok, tpl, get_task("chain"))
+    assert method.guide(recs, lm, 0.0) is not None and method.guide(recs, lm, 0.2) is not None
+    assert method.guide(recs, lm, 0.25) is None and method.guide(recs, lm, 0.9) is None
+    plain = METHODS["self-distill"](TrainConfig(model=tiny_model), lm, tok, tpl, get_task("chain"))
+    assert plain.guide(recs, lm, 0.0) is None
