@@ -26,7 +26,9 @@ ANSWER_MARK = "####"
 _NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?![\d])")
 # "the answer is 42", "Answer: 42", "final answer is $42$": what follows, up to the end of its line
 _SAYS = re.compile(r"answer\s*(?:is|:|=|would be|will be)\s*[:\-]?\s*([^\n]*)", re.IGNORECASE)
-_WORK = re.compile(r"\d\s*(?:[+\-*/×÷x=]|plus|minus|times|divided by|multiplied by|added to)\s*\(?\$?-?\d",
+_OPERATOR = re.compile(r"\s*(?:[a-z]+\s*)?[+\-*/×÷x=]")
+# a number (perhaps with its unit: "17 stickers * 5"), an operator, a number
+_WORK = re.compile(r"\d\s*(?:[a-z]+\s*)?(?:[+\-*/×÷x=]|plus|minus|times|divided by|multiplied by|added to)\s*\(?\$?-?\d",
                    re.IGNORECASE)
 
 
@@ -75,26 +77,34 @@ def last_boxed(text: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def _value(text: str) -> str:
-    """An answer's value as written after its marker: its first number if it has one (so "68
-    stickers." is 68), else the text without markdown and a closing full stop."""
+def _value(text: str, at: int) -> tuple[int, str]:
+    """An answer as written after its marker, and where it starts (`at`: where `text` starts in the
+    completion): the first number (so "68 stickers." is 68), or where that number starts an
+    equation, its result ("62 + 6 = 68" is 68); without a number, the text without markdown and a
+    closing full stop."""
     m = _NUMBER.search(text)
+    if m and _OPERATOR.match(text, m.end()):  # an equation: its result
+        m = _NUMBER.search(text, text.rfind("=") + 1) or m
     if m:
-        return m.group().replace(",", "")
-    return text.strip().rstrip(".").strip("*$_ ").rstrip(".")
+        return at + m.start(), m.group().replace(",", "")
+    return at, text.strip().rstrip(".").strip("*$_ ").rstrip(".")
 
 
 def _stated(completion: str) -> tuple[int, str, bool] | None:
     """(where, what, marked) of the lenient answer: the last marked one (`####`, `\\boxed{}`, "the
-    answer is"), else the last number in the text (not marked), else None."""
-    marked = [(m.start(), m.group(1)) for m in _SAYS.finditer(completion)]
-    marked += _boxed(completion)
+    answer is"), else the last number in the text (not marked), else None. `where` is where the
+    answer itself is written (after its marker)."""
+    marked = [(m.start(), m.start(1), m.group(1)) for m in _SAYS.finditer(completion)]
+    marked += [(pos, pos + len("\\boxed{"), text) for pos, text in _boxed(completion)]
     if ANSWER_MARK in completion:
-        marked.append((completion.rfind(ANSWER_MARK), extract_answer(completion)))
-    marked = [(pos, _value(v)) for pos, v in marked if v and v.strip()]
-    marked = [(pos, v) for pos, v in marked if v]
-    if marked:
-        return (*max(marked), True)
+        pos = completion.rfind(ANSWER_MARK)
+        rest = completion[pos + len(ANSWER_MARK):]
+        marked.append((pos, pos + len(ANSWER_MARK) + len(rest) - len(rest.lstrip()), extract_answer(completion)))
+    found = [(pos, *_value(text, at)) for pos, at, text in marked if text and text.strip()]
+    found = [f for f in found if f[2]]
+    if found:
+        _, at, value = max(found)
+        return at, value, True
     numbers = list(_NUMBER.finditer(completion))
     return (numbers[-1].start(), numbers[-1].group().replace(",", ""), False) if numbers else None
 

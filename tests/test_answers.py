@@ -65,3 +65,9 @@ def test_restating_a_number_of_the_problem_as_the_answer_with_no_work_leaks():
     assert not stated_before_work("Ana has 24 books. She uses 3: 24 - 3 = 21.\nThe answer is 21.", prompt, "21")
     # no number in the problem, no arithmetic to show: the measure does not apply
     assert not stated_before_work("Paris.", "What is the capital of France?", "Paris")
+
+
+def test_an_answer_given_by_an_equation_is_its_result_and_is_work():
+    assert reader_answer("So the answer: 24 + 3 = 27.") == "27"
+    assert not stated_before_work("Add them. The answer: 24 + 3 = 27.", "Ana has 24 and gets 3.", "27")
+    assert not stated_before_work("17 stickers * 5 = 85 stickers.\nThe answer is 85.", "17 packs of 5 stickers", "85")
