@@ -112,11 +112,12 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
               fields=cfg.fields, verifier=cfg.verifier,
               method=method, seed=seed, rollouts=cfg.rollouts, checkpoint_every=0,
               eval_every=max(1, steps // cfg.eval_points), prompts_per_step=cfg.samples_per_step)
-    from handrail.methods import GROUPED
+    from handrail.methods import METHODS
 
-    if method in GROUPED:
+    kind = METHODS.get(method)
+    if kind is not None and kind.grouped:
         kw.update(prompts_per_step=cfg.samples_per_step // cfg.group_size, samples_per_prompt=cfg.group_size)
-    if method in ("vine", "expert-iteration"):  # one rollout (or search) per prompt; branches fill the step
+    if kind is not None and kind.one_per_prompt:  # one rollout (or search) per prompt; branches fill the step
         kw.update(prompts_per_step=max(1, cfg.samples_per_step // cfg.group_size), samples_per_prompt=1)
     if rule:
         kw["rule"] = rule
@@ -137,7 +138,7 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
         # a method whose steps cost other than samples_per_step (vine's branches) is evaluated
         # as often in samples, not in steps; a search's cost is not known ahead: every step
         steps = built.rollouts // built.rollouts_per_step
-        built.eval_every = 1 if method == "expert-iteration" else max(1, steps // cfg.eval_points)
+        built.eval_every = 1 if METHODS[method].cost_varies else max(1, steps // cfg.eval_points)
     return built
 
 

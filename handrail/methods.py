@@ -74,6 +74,15 @@ class PolicySignal:
     ref_logp: torch.Tensor  # (B, T)
     rewards: torch.Tensor  # (global B,) every process's rewards, for group metrics
     teacher_weight: torch.Tensor | None = None  # RLSD: mean teacher factor (a metric)
+    credited: torch.Tensor | None = None  # vine: the share of tokens with a non-zero advantage (a metric)
+
+
+@dataclass
+class TokenSignal:
+    """Cross-entropy on the rollout's own tokens (SFT on references, expert iteration on what its
+    search chose), each row weighted."""
+
+    weight: torch.Tensor  # (B, 1) or (B, T): a row's (or token's) weight; 0 drops it
 
 
 @dataclass
@@ -105,6 +114,29 @@ class Method:
     privileged = False  # reads a teacher prompt with the reference (its records must fit with the hint)
     needs_solutions = True  # answer-only records get worked solutions first (bootstrap) unless this is False
     rewarded = False  # trains on a verifier's reward, which a curriculum may shape
+    grouped = False  # compares completions within a prompt's group (needs samples_per_prompt >= 2)
+    distils = False  # its target is self-distillation's (a counterfactual teacher, guided or logged rollouts apply)
+    one_per_prompt = False  # compare gives it one rollout (or search) per prompt: what it spends fills the step
+    cost_varies = False  # what a step spends is known only once it has run (compare evaluates every step)
+    reads_logged = False  # trains on logged conversations' turns (rollout=logged), generating nothing
+
+    @staticmethod
+    def rollouts_per_sample(cfg) -> int:
+        """Rollouts one sampled completion costs (vine: its branches' continuations too)."""
+        return 1
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Rules this method puts on the training config (ValueError naming the key)."""
+        if cls.grouped and cfg.samples_per_prompt < 2:
+            raise ValueError(f"config key 'samples_per_prompt': {cfg.method} compares completions within a group, "
+                             f"so it needs at least 2 per prompt, got {cfg.samples_per_prompt}")
+        if cfg.rollout in ("guided", "logged") and not cls.distils:
+            raise ValueError(f"config key 'rollout': {cfg.rollout} rollouts need method self-distill "
+                             f"(they need a teacher)")
+        if cfg.counterfactual != "none" and not cls.distils:
+            raise ValueError(f"config key 'counterfactual': a counterfactual teacher shapes self-distillation's "
+                             f"target (method self-distill or srpo), not {cfg.method}'s")
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts: PromptIds | None = None):
         from handrail import curriculum
@@ -127,9 +159,6 @@ class Method:
         turns of conversation records (rollout=logged)."""
         return given_rollout(self.tokenizer, self.prompts(records), [r.completion for r in records], device)
 
-    def student_hidden(self, policy, records, rollout):
-        return completion_hidden(policy, rollout.prompt_ids, rollout, self.tokenizer.pad_token_id)
-
     def student_loss(self, policy, records, rollout, signal):
         """(loss sum, metrics): the student's forward and this method's `loss`, in one call of the
         (possibly wrapped) policy module."""
@@ -140,6 +169,15 @@ class Method:
         """A rollout.Guide for guided rollouts, or None to sample the student alone (`done`: the
         share of training steps already taken)."""
         return None
+
+    def score(self, records, rollout, lm_now, world: World):
+        """The per-token signal for `loss`, computed without gradient (a small typed dataclass)."""
+        raise NotImplementedError
+
+    def loss(self, head, hidden, rollout, signal) -> tuple[torch.Tensor, dict]:
+        """(loss summed over completion tokens, metrics summed likewise), from the student's hidden
+        states at the completion's positions and `signal`; run inside the policy's forward."""
+        raise NotImplementedError
 
     def after_step(self, lm) -> None:
         pass
@@ -169,10 +207,12 @@ class SelfDistill(Method):
     benchmarks/teacher_probe.py). At the divergence point itself it intervenes fully
     (`gate=point`: only there). With `after_gate=anchor` the silenced positions get the initial
     model on [P_S, g] as their reference instead of no loss, so they cannot drift; measured, it
-    also holds the student back (BENCHMARKS.md §2c). Rules that measure from the initial student
+    also holds the student back (benchmarks/HISTORY.md §2c). Rules that measure from the initial student
     (`considered`, `anchored`) get that same initial model's distribution at every position."""
 
     privileged = True
+    distils = True
+    reads_logged = True
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)
@@ -279,6 +319,7 @@ class GRPO(Method):
 
     needs_solutions = False  # the reward reads only the answer
     rewarded = True
+    grouped = True
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None, frozen=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)
@@ -361,11 +402,11 @@ class SFT(Method):
         return given_rollout(self.tokenizer, self.prompts(records), texts, device)
 
     def score(self, records, rollout, lm_now, world: World):
-        return None
+        return TokenSignal(torch.ones_like(rollout.completion_mask[:, :1]))
 
     def loss(self, head, hidden, rollout, signal):
         loss, nll = chunked_sum(cross_entropy_chunk, hidden, head, rollout.completion_ids,
-                                rollout.completion_mask, chunk_size=self.cfg.chunk_size)
+                                rollout.completion_mask * signal.weight, chunk_size=self.cfg.chunk_size)
         return loss, {"loss/nll": nll}
 
 
@@ -412,6 +453,15 @@ class SRPO(Method):
 
     privileged = True
     rewarded = True
+    grouped = True
+    distils = True  # its failed rollouts' target; guided and logged rollouts are self-distill's alone
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.rollout in ("guided", "logged"):
+            raise ValueError(f"config key 'rollout': {cfg.rollout} rollouts need method self-distill "
+                             f"(they need a teacher)")
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)
@@ -485,6 +535,13 @@ class Vine(GRPO):
     line alone. Every continuation counts in the rollout budget (TrainConfig.rollouts_per_step),
     so at equal rollouts vine takes fewer, better-informed steps than GRPO."""
 
+    grouped = False  # its values come from branches, not from a group
+    one_per_prompt = True
+
+    @staticmethod
+    def rollouts_per_sample(cfg) -> int:
+        return 1 + cfg.vine_points * cfg.vine_k
+
     @torch.no_grad()
     def score(self, records, rollout, lm_now, world: World):
         from handrail.models import stop_ids
@@ -523,12 +580,12 @@ class Vine(GRPO):
                                   B * world.size, cfg.max_new_tokens)
         ref_logp = rollout.logprobs if self.reference is None else self._reference_logp(rollout)
         every = world.gather(rewards)
-        self._credited = (adv != 0).float().sum() / rollout.completion_mask.sum().clamp(min=1)
-        return PolicySignal(adv, weight, ref_logp, every)
+        credited = (adv != 0).float().sum() / rollout.completion_mask.sum().clamp(min=1)
+        return PolicySignal(adv, weight, ref_logp, every, credited=credited)
 
     def step_metrics(self, signal):
         r = signal.rewards
-        return {"reward/mean": r.mean().item(), "vine/credited_tokens": self._credited.item()}
+        return {"reward/mean": r.mean().item(), "vine/credited_tokens": signal.credited.item()}
 
 
 class ExpertIteration(Method):
@@ -543,6 +600,15 @@ class ExpertIteration(Method):
 
     needs_rollouts = False  # it samples inside the search
     needs_solutions = False  # values come from the check or the answer
+    one_per_prompt = True
+    cost_varies = True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.search_value == "check" and cfg.data:
+            raise ValueError("config key 'search_value': check needs a task with a program check (the embedded "
+                             "tasks); with --data use answer")
 
     def given_rollout(self, records, device, lm=None) -> Rollout:
         from handrail.search import Problem, SearchConfig, Searcher, value_mode
@@ -567,22 +633,21 @@ class ExpertIteration(Method):
         prompts, comps, weights = zip(*rows)
         rollout = token_rollout(list(prompts), list(comps), self.tokenizer.pad_token_id,
                                 self.tokenizer.batch_decode(comps, skip_special_tokens=True), device)
-        self._weights = torch.tensor(weights, device=device)[:, None]
-        rollout.completion_mask *= (self._weights > 0).float()  # the stand-in row of a step that found nothing
+        rollout.weights = torch.tensor(weights, device=device)[:, None]  # each row's share of the visits
+        rollout.completion_mask *= (rollout.weights > 0).float()  # the stand-in row of a step that found nothing
         return rollout
 
     def score(self, records, rollout, lm_now, world: World):
-        return self._weights
+        return TokenSignal(rollout.weights)
 
     def loss(self, head, hidden, rollout, signal):
         loss, nll = chunked_sum(cross_entropy_chunk, hidden, head, rollout.completion_ids,
-                                rollout.completion_mask * signal, chunk_size=self.cfg.chunk_size)
+                                rollout.completion_mask * signal.weight, chunk_size=self.cfg.chunk_size)
         return loss, {"loss/nll": nll}
 
     def step_metrics(self, signal):
-        return {"search/rows": int(signal.numel()), "search/sequences": self.spent}
+        return {"search/rows": int(signal.weight.numel()), "search/sequences": self.spent}
 
 
 METHODS = {"self-distill": SelfDistill, "grpo": GRPO, "sft": SFT, "rlsd": RLSD, "srpo": SRPO, "vine": Vine,
            "expert-iteration": ExpertIteration}
-GROUPED = ("grpo", "rlsd", "srpo")  # methods that compare completions within a prompt's group

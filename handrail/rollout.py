@@ -27,6 +27,7 @@ class Rollout:
     logprobs: torch.Tensor  # (B, T) log-prob of each sampled token under the sampling distribution
     texts: list[str]  # decoded completions, special tokens dropped
     step_ends: list[list[int]] | None = None  # token positions (exclusive) where each row's steps end (steps.py)
+    weights: torch.Tensor | None = None  # (B, 1) a weight per row, for text a method chose itself (expert iteration)
 
     @property
     def n_tokens(self) -> int:

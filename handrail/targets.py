@@ -24,7 +24,7 @@ pull. What each guarantees, and the tests that check it (tests/test_targets.py):
 a rule teaches in the end is its fixed point under "student := target", not one step's move.
 The first four rules only look at the current student; their fixed point is the teacher itself
 (e.g. trust-region walks there delta nats at a time), so with an answer-only hint every one of
-them teaches guessing (BENCHMARKS.md §3, §L3). `considered` and `anchored` measure from the initial
+them teaches guessing (benchmarks/HISTORY.md §3, BENCHMARKS.md §L3). `considered` and `anchored` measure from the initial
 student p_0, which does not move, so their target does not either: a token the student did not
 seriously consider when training began can never be handed over, however many steps pass
 (tests/test_targets.py iterates them to convergence).

@@ -87,7 +87,7 @@ class TrainConfig:
     guided_until: float = 1.0  # rollout=guided: the share of training steps, from the start, whose rollouts are guided (the student's own after)
     gate_prob: float = 0.05  # divergence gate: a sampled token the teacher gives < this ends its say
     after_gate: str = "free"  # where the gate silences the teacher: free (no loss) | anchor (pull towards the initial model)
-    rollouts: int = 8192  # budget: sampled student completions, all processes together (BENCHMARKS.md §2c)
+    rollouts: int = 8192  # budget: sampled student completions, all processes together (benchmarks/HISTORY.md §2c)
     bootstrap_k: int = 4  # answer-only records: samples per problem in a bootstrap stage first (0: off; then the teacher sees the bare answer, which teaches guessing: BENCHMARKS.md §L3)
     bootstrap_rollouts: int = 0  # the bootstrap stage's share of `rollouts` (0: half of them)
     bootstrap_rollout: str = "student"  # bootstrap samples: student | guided (the teacher sees the answer)
@@ -164,7 +164,7 @@ class TrainConfig:
         if not self.model:
             raise ValueError("config key 'model': required")
         from handrail.data import parse_fields
-        from handrail.methods import GROUPED, METHODS
+        from handrail.methods import METHODS
         from handrail.verifiers import load as load_verifier
 
         parse_fields(self.fields)
@@ -181,19 +181,14 @@ class TrainConfig:
         if self.lora_merge and not self.lora_r:
             raise ValueError("config key 'lora_merge': there is no adapter to merge (lora_r is 0)")
 
-        if self.rollout in ("guided", "logged") and self.method != "self-distill":
-            raise ValueError(f"config key 'rollout': {self.rollout} rollouts need method self-distill "
-                             f"(they need a teacher)")
+        METHODS[self.method].check(self)
         if self.bootstrap_k and self.bootstrap_rollouts >= self.rollouts:
             raise ValueError(f"config key 'bootstrap_rollouts': {self.bootstrap_rollouts} leaves nothing of "
                              f"the budget rollouts={self.rollouts} for training")
-        if self.method in GROUPED and self.samples_per_prompt < 2:
-            raise ValueError(f"config key 'samples_per_prompt': {self.method} compares completions within a group, "
-                             f"so it needs at least 2 per prompt, got {self.samples_per_prompt}")
         if self.rollouts < self.rollouts_per_step:
             raise ValueError(f"config key 'rollouts': {self.rollouts} does not buy one step of "
                              f"prompts_per_step x samples_per_prompt"
-                             + (" x (1 + vine_points x vine_k)" if self.method == "vine" else "")
+                             + (" x (1 + vine_points x vine_k)" if METHODS[self.method].rollouts_per_sample(self) > 1 else "")
                              + f" = {self.rollouts_per_step} rollouts")
         if self.curriculum != "none":
             if not METHODS[self.method].rewarded:
@@ -206,15 +201,9 @@ class TrainConfig:
             if self.data and not self.curriculum_data:
                 raise ValueError("config key 'curriculum_data': with --data the curriculum needs validation "
                                  "records of its own (never the test file)")
-        if self.method == "expert-iteration" and self.search_value == "check" and self.data:
-            raise ValueError("config key 'search_value': check needs a task with a program check (the embedded "
-                             "tasks); with --data use answer")
         if not self.step_delimiter:
             raise ValueError("config key 'step_delimiter': must not be empty")
         if self.counterfactual != "none":
-            if not METHODS[self.method].privileged or self.method == "rlsd":
-                raise ValueError(f"config key 'counterfactual': a counterfactual teacher shapes self-distillation's "
-                                 f"target (method self-distill or srpo), not {self.method}'s")
             if self.prompts_per_step < 2:
                 raise ValueError("config key 'counterfactual': the wrong reference is another problem's in the same "
                                  "step, so prompts_per_step must be at least 2")
@@ -235,8 +224,9 @@ class TrainConfig:
     @property
     def rollouts_per_step(self) -> int:
         """Sampled completions per step: the rollouts, and for vine every continuation too."""
-        branches = self.vine_points * self.vine_k if self.method == "vine" else 0
-        return self.prompts_per_step * self.samples_per_prompt * (1 + branches)
+        from handrail.methods import METHODS
+
+        return self.prompts_per_step * self.samples_per_prompt * METHODS[self.method].rollouts_per_sample(self)
 
 
 @dataclass
@@ -560,7 +550,9 @@ def _resolve_logged(cfg: TrainConfig, records, log) -> None:
     if logged and logged != len(records):
         first = next(r for r in records if r.completion is None)
         raise ValueError(f"{first.source}: a plain record among logged conversations; give them in separate files")
-    if logged and cfg.method != "self-distill":
+    from handrail.methods import METHODS
+
+    if logged and not METHODS[cfg.method].reads_logged:
         raise ValueError(f"{records[0].source}: logged conversations train with method self-distill, "
                          f"not {cfg.method}")
     if logged and cfg.rollout == "student":

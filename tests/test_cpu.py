@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from handrail.cpu import user_chose_allocator
 
 _FAULTS = """
@@ -34,9 +36,8 @@ def _faults(mode: str) -> int:
     return int(out.stdout.split()[-1])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux only")
 def test_kept_memory_is_reused_without_page_faults():
-    if not sys.platform.startswith("linux"):
-        return
     default, kept = _faults("default"), _faults("keep")
     # at glibc's starting threshold every one of them lands on fresh pages, step after step
     # (measured: 129,090 faults); kept, 0 once the heap has grown to the largest step (a warm-up short
