@@ -292,10 +292,18 @@ def _train_all(cfg: CompareConfig, configs: dict, log) -> dict:
     bar = progress(len(configs), f"compare ({jobs} at a time)", "run")
     done = {}
     if jobs == 1:
-        for key, c in configs.items():
-            done[key] = _train_one(c)
-            bar.update(1)
-            log(f"[compare] {' '.join(map(str, key))}: done")
+        hidden = os.environ.get("HANDRAIL_NO_BAR")
+        os.environ["HANDRAIL_NO_BAR"] = "1"  # one bar, the runs': a run's own bar under it would interleave
+        try:
+            for key, c in configs.items():
+                done[key] = _train_one(c)
+                bar.update(1)
+                log(f"[compare] {' '.join(map(str, key))}: done")
+        finally:
+            if hidden is None:
+                os.environ.pop("HANDRAIL_NO_BAR")
+            else:
+                os.environ["HANDRAIL_NO_BAR"] = hidden
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_quiet_worker) as pool:
             futures = {pool.submit(_train_one, c): key for key, c in configs.items()}

@@ -235,13 +235,13 @@ def _pretrain(cfg: PretrainConfig, log, held: contextlib.ExitStack) -> dict:
         chosen = hardest(records, cfg.hard_frac, rng)
         pool = [r for i, r in enumerate(records) if i in chosen] or records
         n_eval = min(cfg.eval_n, max(1, len(pool) // 10))
-        held = {r.source for r in pool[:n_eval]}
+        kept_out = {r.source for r in pool[:n_eval]}
         eval_records = pool[:n_eval]
-        records = [r for r in records if r.source not in held]
+        records = [r for r in records if r.source not in kept_out]
         if not records:
             raise DataError(f"{cfg.data}: {len(eval_records)} record(s), all held out for the closing check; "
                             f"pretraining needs at least 2")
-        hard = {r.source for r in pool} - held if chosen else set()
+        hard = {r.source for r in pool} - kept_out if chosen else set()
         if hard:
             log(f"{len(hard)} of {len(records)} records, those with at least {min(map(_steps, pool))} solution "
                 f"lines, are shown only with a hint (hard_frac={cfg.hard_frac:g})")

@@ -47,6 +47,15 @@ def _margin(p: float, q: float, n: int) -> float:
     return max(0.05, 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / max(n, 1)))
 
 
+def _remedy(r: dict) -> str:
+    """What to do about a copying teacher, given whether the probe's config already does it."""
+    if r["aggregate"].get("counterfactual", "none") != "none":
+        return ("; with the counterfactual teacher (on) only what the right reference adds over a wrong one is "
+                "distilled, which is what keeps such a teacher from teaching guessing")
+    return ("; train with counterfactual=shuffled, which distils only what the right reference adds over a "
+            "wrong one")
+
+
 def verdict(r: dict) -> tuple[str, str]:
     """(kind, reason) from a probe's figures: `copies`, `ignores`, `gated` or `helps`."""
     n, s, t, sh = r["n"], r["student"]["lenient"], r["teacher"]["lenient"], r["shuffled"]["lenient"]
@@ -59,15 +68,15 @@ def verdict(r: dict) -> tuple[str, str]:
     if sh < s - _margin(s, sh, n):
         return "copies", (f"shown another record's reference the teacher drops to {sh:.0%}, below the student "
                           f"alone ({s:.0%}): it writes what it is shown, right or wrong, so its target would hand "
-                          f"the student answers it cannot justify")
+                          f"the student answers it cannot justify" + _remedy(r))
     if slip is not None and slip["copies_reference"] > slip["consistent"]:
         return "copies", (f"after a student's slip the teacher writes the reference's next result "
                           f"({slip['copies_reference']:.0%}) more often than continuing from the slip "
-                          f"({slip['consistent']:.0%}): its target would hand over the reference's numbers")
+                          f"({slip['consistent']:.0%}): its target would hand over the reference's numbers" + _remedy(r))
     leak_t, leak_s = r["teacher"]["leak"], r["student"]["leak"]
     if leak_t > leak_s + _margin(leak_t, leak_s, n):
         return "copies", (f"shown the reference the teacher states the answer before the work in {leak_t:.0%} of "
-                          f"attempts (the student alone: {leak_s:.0%}): a target from it teaches guessing")
+                          f"attempts (the student alone: {leak_s:.0%}): a target from it teaches guessing" + _remedy(r))
     if r["aggregate"]["gated"] > 0.8:
         return "gated", (f"the reference lifts the teacher {100 * lift:+.0f} points over another record's, but the "
                          f"divergence gate silences {r['aggregate']['gated']:.0%} of the student's positions: the "

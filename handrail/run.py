@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 from handrail.data import Record, load_records, records_from_task
@@ -216,6 +217,7 @@ class _Lines:
         self.stream = stream
 
     def write(self, text: str) -> None:
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # a nested bar's cursor moves mean nothing in a file
         for part in text.replace("\r", "\n").split("\n"):
             if part.strip():
                 self.stream.write(part.rstrip() + "\n")

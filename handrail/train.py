@@ -335,6 +335,8 @@ def _train(cfg: TrainConfig, resume: bool, log, held: contextlib.ExitStack) -> d
     acc.wait_for_everyone()  # every process has checked before the main one writes
     if acc.is_main_process:
         held.enter_context(FolderLock(out))  # a second run on this folder stops here, having written nothing
+        if ckpt:  # rows past the checkpoint are redone; only the lock's holder may cut them
+            _truncate_metrics(out / "metrics.jsonl", state.step)
         if restart:
             log(f"{out}: the run there stopped before its first checkpoint; starting it again from step 0")
             for name in ("metrics.jsonl", BOOTSTRAP_FILE):
@@ -613,7 +615,6 @@ def _load_checkpoint(out: Path, lm, method, device, log) -> tuple[State, dict | 
             continue
         if damaged:
             log(f"WARNING: damaged checkpoint file {damaged[0]}; resuming from {c} (step {state.step}) instead")
-        _truncate_metrics(out / "metrics.jsonl", state.step)
         return state, opt_state
     raise ValueError(f"cannot resume: damaged checkpoint file {damaged[0]}" +
                      ("; the older ones are damaged too" if len(damaged) > 1 else "; no older checkpoint to fall back to"))

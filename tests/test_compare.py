@@ -105,9 +105,17 @@ def test_validation_problems_are_never_test_problems():
 
 
 def test_quick_demo(tmp_path):
-    p = run("demo", "--quick", "--out", str(tmp_path / "demo"), env={"HANDRAIL_CACHE": str(tmp_path / "cache")})
-    assert "| self-distill |" in p.stdout and "plot:" in p.stdout
+    """Also: its log, written to a file as a scheduler would, is whole lines a person can read."""
+    log = tmp_path / "demo.log"
+    with open(log, "w") as f:
+        p = subprocess.run([sys.executable, "-m", "handrail.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
+                           stdout=f, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HANDRAIL_CACHE": str(tmp_path / "cache")})
+    text = log.read_text()
+    assert p.returncode == 0, text[-3000:]
+    assert "| self-distill |" in text and "plot:" in text
     assert (tmp_path / "demo" / "accuracy.png").exists()
+    assert "\r" not in text and "\x1b" not in text and "\n\n\n" not in text
 
 
 def test_efficiency_ratio_cases():
