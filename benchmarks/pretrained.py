@@ -8,7 +8,7 @@ answer before any work? (BENCHMARKS.md §P)
 Each (setting, seed) is one `handrail train` on `train.jsonl` (LoRA, the defaults otherwise: rule,
 gate, learning rate) followed by one greedy `handrail eval` on the first `--n` records of
 `test.jsonl`; the base model is evaluated once the same way. Settings are named sets of train
-keys (`SETTINGS`). Runs go one per process (`threads=1`), `--jobs` at a time; a finished run is
+keys (`SETTINGS`). Runs go one per process (`--threads` each), `--jobs` at a time; a finished run is
 reused, so an interrupted benchmark continues. Prints a table of strict and lenient pass@1 and
 the leak rate (the final answer written before any work: handrail/answers.py) and writes
 `results.json` beside the runs.
@@ -27,11 +27,12 @@ SETTINGS = {
     "default": [],
     "cf": ["counterfactual=shuffled"],
 }
-TRAIN = ["--rollouts", "128", "lora_r=16", "max_new_tokens=64", "eval_n=0", "checkpoint_every=0", "threads=1"]
+TRAIN = ["--rollouts", "128", "lora_r=16", "max_new_tokens=64", "eval_n=0", "checkpoint_every=0"]
+THREADS = "1"  # per process (--threads)
 
 
 def cli(*args: str, log: Path, stdout: Path | None = None) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HANDRAIL_NO_BAR": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": THREADS, "HANDRAIL_NO_BAR": "1"}
     with open(log, "a") as f, open(stdout or log, "a") as o:
         p = subprocess.run([sys.executable, "-m", "handrail.cli", *args], stdout=o, stderr=f, env=env)
     if p.returncode:
@@ -55,7 +56,7 @@ def run(setting: str, seed: int, a) -> dict:
     if not (folder / "run" / "model").exists():
         folder.mkdir(parents=True, exist_ok=True)
         cli("train", "--model", a.model, "--data", str(Path(a.data) / "train.jsonl"), "--out", str(folder / "run"),
-            "--seed", str(seed), *TRAIN, *SETTINGS[setting], log=folder / "train.log")
+            "--seed", str(seed), *TRAIN, f"threads={THREADS}", *SETTINGS[setting], log=folder / "train.log")
     return evaluate(str(folder / "run" / "model"), Path(a.data), a.n, folder)
 
 
@@ -69,7 +70,10 @@ def main():
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--runs", help="instead of settings x seeds: setting:seed,... (e.g. default:1,cf:2)")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     a = ap.parse_args()
+    global THREADS
+    THREADS = str(a.threads)
     if a.runs:
         jobs = [(r.split(":")[0], int(r.split(":")[1])) for r in a.runs.split(",")]
     else:
