@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 from handrail.data import Record
+from handrail.datafile import facts
 from handrail.evaluate import is_correct, is_leak, prompt_ids
 from handrail.models import stop_ids
 from handrail.rollout import Guide, sample
@@ -25,7 +26,9 @@ from handrail.run import progress
 FILE = "bootstrap.jsonl"  # in the run folder: the solutions kept, one record per line
 
 
-def needs_bootstrap(records: list[Record]) -> list[Record]:
+def needs_bootstrap(records) -> list[Record]:
+    if not facts(records).answer_only:  # a file's index knows: its records are not all read to find none
+        return []
     return [r for r in records if not r.solution]
 
 

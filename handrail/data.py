@@ -1,6 +1,6 @@
-"""The data contract: records with a prompt, a privileged reference and an optional answer,
-read from JSONL, CSV/TSV, Parquet or a saved `datasets` dataset, and rendered into student and teacher
-prompts.
+"""The data contract: records with a prompt, a privileged reference and an optional answer, how a
+row of JSONL, CSV/TSV, Parquet or a saved `datasets` dataset becomes one (datafile.py reads the
+files), and how records are rendered into student and teacher prompts.
 
 A record is `prompt` (a string, or chat `messages`), `solution` (the reference the teacher
 sees; alias `privileged_context`) and optional `answer` (what a verifier checks). Every bad
@@ -20,8 +20,6 @@ the student already wrote) and the accepted turn as `solution`. See examples/con
 
 from __future__ import annotations
 
-import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,30 +112,11 @@ def _layout(row: dict, fields: dict[str, str]) -> tuple[dict, dict[str, str]]:
     return row, names
 
 
-def load_records(path: str | Path, fields: str | None = None) -> list[Record]:
-    """Read and validate every record. Raises DataError naming the first bad record (and how many
-    more there are) — never returns a partial list. `fields` maps other field names (parse_fields)."""
+def read_csv(path: Path, fields: str | None = None) -> list[Record]:
+    """Every record of a CSV/TSV file, validated (datafile.load_records reads every format)."""
     mapping = parse_fields(fields)
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
-    if path.is_dir():
-        import datasets
-
-        try:
-            rows = enumerate(datasets.load_from_disk(str(path)), start=1)
-        except (FileNotFoundError, ValueError) as e:
-            raise DataError(f"{path}: a folder, but not one saved by datasets' save_to_disk ({str(e).splitlines()[0]})") from None
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = enumerate(pq.read_table(path).to_pylist(), start=1)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        rows = _csv_rows(path, "\t" if path.suffix.lower() == ".tsv" else ",")
-    else:
-        rows = _jsonl_rows(path)
     records, errors = [], []
-    for line, row in rows:
+    for line, row in _csv_rows(path, "\t" if path.suffix.lower() == ".tsv" else ","):
         try:
             records.extend(parse_row(row, f"{path}:{line}", mapping))
         except DataError as e:
@@ -148,22 +127,6 @@ def load_records(path: str | Path, fields: str | None = None) -> list[Record]:
     if not records:
         raise DataError(f"{path}: no records")
     return records
-
-
-def _jsonl_rows(path: Path):
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if line == 1 else "utf-8")  # a byte-order mark is read, not refused
-            except UnicodeDecodeError as e:
-                yield line, _Bad(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield line, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line, _Bad(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})")
 
 
 def _csv_rows(path: Path, delimiter: str):
@@ -334,14 +297,3 @@ def hint_for(rec: Record, mode: str) -> str | None:
             raise DataError(f"{rec.source}: field 'answer': missing, needed for answer-only hints")
         return f"#### {ans}"
     raise ValueError(f"unknown hint mode {mode!r}; choose none, solution, answer or blank")
-
-
-def shuffle_references(records: list[Record], seed: int, hint: str = "solution") -> list[Record]:
-    """The shuffled-reference control: each record shows the teacher another record's `hint` (its
-    reference, or its answer) as its solution, while the answer it is checked against stays its own.
-    A derangement: no record keeps its own."""
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
-    return [Record(r.prompt, hint_for(records[other[i]], hint), reference_answer(r), r.source, r.level, r.completion)
-            for i, r in enumerate(records)]

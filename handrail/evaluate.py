@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 
 from handrail.data import DataError, Record, Templates, hint_for, reference_answer, student_prompt, teacher_prompt
+from handrail.datafile import Records
 from handrail.models import stop_ids
 from handrail.rollout import sample
 from handrail.tasks import StepArithmeticTask
@@ -33,30 +34,35 @@ def is_leak(text: str, rec: Record, task: StepArithmeticTask | FileTask | None) 
     return (task or EXACT).leak(text, rec)
 
 
+def prompt_texts(tokenizer, records: list[Record], templates: Templates, hint: str = "none") -> list[str]:
+    return [student_prompt(tokenizer, r, templates) if hint == "none"
+            else teacher_prompt(tokenizer, r, templates, hint_for(r, hint)) for r in records]
+
+
 def prompt_ids(tokenizer, records: list[Record], templates: Templates, hint: str = "none") -> list[list[int]]:
-    texts = [student_prompt(tokenizer, r, templates) if hint == "none"
-             else teacher_prompt(tokenizer, r, templates, hint_for(r, hint)) for r in records]
+    texts = prompt_texts(tokenizer, records, templates, hint)
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # one call for the batch
 
 
 class PromptIds:
-    """`prompt_ids` that tokenizes each record's prompt once per hint: a run draws the same records
-    step after step, and `fit_records` has tokenized every one of them before the first. At most
-    `budget` tokens are kept (8 bytes each); past that, prompts are tokenized on every call."""
+    """`prompt_ids` that tokenizes each prompt text once: a run draws the same records step after
+    step. Keyed by the rendered text (records read from a file are new objects on every read). At
+    most `budget` tokens are kept (8 bytes each, beside their text); past that, prompts are
+    tokenized on every call."""
 
     def __init__(self, tokenizer, templates: Templates, budget: int = 1 << 24):
         self.tokenizer, self.templates, self.budget = tokenizer, templates, budget
-        self._known: dict = {}  # (id(record), hint) -> (record, ids); the record kept so its id stays its own
+        self._known: dict[str, array] = {}
 
     def __call__(self, records: list[Record], hint: str = "none") -> list[list[int]]:
-        new = list({id(r): r for r in records if (id(r), hint) not in self._known}.values())
-        made = dict(zip(map(id, new), prompt_ids(self.tokenizer, new, self.templates, hint)))
-        for r in new:
-            if self.budget >= len(made[id(r)]):
-                self.budget -= len(made[id(r)])
-                self._known[id(r), hint] = (r, array("q", made[id(r)]))
-        return [list(self._known[id(r), hint][1]) if (id(r), hint) in self._known else list(made[id(r)])
-                for r in records]
+        texts = prompt_texts(self.tokenizer, records, self.templates, hint)
+        new = [t for t in dict.fromkeys(texts) if t not in self._known]
+        made = dict(zip(new, self.tokenizer(new, add_special_tokens=False)["input_ids"])) if new else {}
+        for t, ids in made.items():
+            if self.budget >= len(ids):
+                self.budget -= len(ids)
+                self._known[t] = array("q", ids)
+        return [list(self._known[t]) if t in self._known else list(made[t]) for t in texts]
 
 
 def prompt_limit(model, max_new_tokens: int) -> int | None:
@@ -66,43 +72,91 @@ def prompt_limit(model, max_new_tokens: int) -> int | None:
     return None if positions is None else positions - max_new_tokens
 
 
-def fit_records(tokenizer, records: list[Record], templates: Templates, limit: int | None,
+def fit_records(tokenizer, records, templates: Templates, limit: int | None,
                 truncate: str = "error", hints: tuple[str, ...] = ("none", "solution"),
-                ids: PromptIds | None = None) -> list[Record]:
+                ids: PromptIds | None = None):
     """Records whose prompts (student, and teacher with each of `hints`) fit in `limit` tokens.
     `error` names the first record that does not; `left` drops the start of its problem text, so
     the end (usually the question itself) is kept. Nothing is ever sized by an unbounded prompt.
-    `ids` (PromptIds) keeps the token ids made here for the run that uses the records."""
+    `ids` (PromptIds) keeps the token ids made here for the run that uses the records.
+    A list is checked whole; a file's records (datafile.Records) give a `Fitted` view that checks a
+    record when it is read, having checked now every record whose byte bound might not fit."""
     if limit is None:
         return records
     ids = ids or PromptIds(tokenizer, templates, budget=0)
-
-    def usable(rec: Record) -> list[str]:
-        return [h for h in hints if h in ("none", "blank") or rec.solution or h == "answer" and rec.answer is not None]
-
-    def longest(rec: Record) -> int:
-        return max(len(p) for h in usable(rec) for p in ids([rec], h))
-
+    fit = _Fit(tokenizer, templates, limit, truncate, hints, ids)
+    if isinstance(records, Records):
+        return Fitted(records, fit)
     lengths = [0] * len(records)
     for h in hints:  # one batched tokenizer call per hint, not one per record
-        rows = [i for i, rec in enumerate(records) if h in usable(rec)]
+        rows = [i for i, rec in enumerate(records) if h in fit.usable(rec)]
         for i, p in zip(rows, ids([records[i] for i in rows], h)):
             lengths[i] = max(lengths[i], len(p))
     out = list(records)
     for i in (i for i, n in enumerate(lengths) if n > limit):
-        rec, n = records[i], lengths[i]
-        if truncate == "left" and isinstance(rec.prompt, str):
-            text_ids = tokenizer(rec.prompt, add_special_tokens=False)["input_ids"]
-            keep = len(text_ids) - (n - limit)
-            if keep > 0:
-                rec = replace(rec, prompt=tokenizer.decode(text_ids[-keep:]))
-                n = longest(rec)
-        if n > limit:
-            raise DataError(f"{rec.source}: field 'prompt': {n} tokens with its template, more than the "
-                            f"{limit} the model's positions leave beside the completion; shorten it"
-                            + ("" if truncate == "left" else ", or truncate it from the left (train: truncate=left; eval: --truncate left)"))
-        out[i] = rec
+        out[i] = fit(records[i], lengths[i])
     return out
+
+
+class _Fit:
+    """One record made to fit, or a DataError naming it."""
+
+    def __init__(self, tokenizer, templates, limit, truncate, hints, ids):
+        self.tokenizer, self.templates, self.limit, self.truncate, self.hints, self.ids = (
+            tokenizer, templates, limit, truncate, hints, ids)
+
+    def usable(self, rec: Record) -> list[str]:
+        return [h for h in self.hints if h in ("none", "blank") or rec.solution or h == "answer" and rec.answer is not None]
+
+    def longest(self, rec: Record) -> int:
+        return max(len(p) for h in self.usable(rec) for p in self.ids([rec], h))
+
+    def __call__(self, rec: Record, n: int | None = None) -> Record:
+        n = self.longest(rec) if n is None else n
+        if n <= self.limit:
+            return rec
+        if self.truncate == "left" and isinstance(rec.prompt, str):
+            text_ids = self.tokenizer(rec.prompt, add_special_tokens=False)["input_ids"]
+            keep = len(text_ids) - (n - self.limit)
+            if keep > 0:
+                rec = replace(rec, prompt=self.tokenizer.decode(text_ids[-keep:]))
+                n = self.longest(rec)
+        if n > self.limit:
+            raise DataError(f"{rec.source}: field 'prompt': {n} tokens with its template, more than the "
+                            f"{self.limit} the model's positions leave beside the completion; shorten it"
+                            + ("" if self.truncate == "left" else ", or truncate it from the left (train: truncate=left; eval: --truncate left)"))
+        return rec
+
+    def overhead(self) -> int:
+        """Bytes the templates add around a record's own text (tokens <= bytes for byte-level and
+        character tokenizers, so text bytes + this bounds a prompt's tokens)."""
+        empty = Record("", "", "")
+        return max(len(t.encode()) for h in self.hints for t in prompt_texts(self.tokenizer, [empty], self.templates, h))
+
+
+class Fitted(Records):
+    """A file's records made to fit when read. Records whose byte bound exceeds the limit are
+    tokenised and checked at once, so a prompt too long for the model is named before training;
+    with a tokenizer that can make more tokens than bytes the check on reading still names it."""
+
+    def __init__(self, base: Records, fit: _Fit):
+        self.base, self.fit, self.facts = base, fit, base.facts
+        margin = fit.limit - fit.overhead()
+        self.fixed = {}  # index -> the record truncated to fit
+        for i, bound in enumerate(base.bounds()):
+            if bound > margin:
+                rec = base[i]
+                if (fitted := fit(rec)) is not rec:
+                    self.fixed[i] = fitted
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _record(self, i: int) -> Record:
+        return self.fixed[i] if i in self.fixed else self.fit(self.base[i])
+
+    def bounds(self):
+        return self.base.bounds()
 
 
 @torch.no_grad()

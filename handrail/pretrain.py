@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from handrail.cpu import keep_freed_memory
-from handrail.data import TINY_TEMPLATES, DataError, Record, hint_for, load_records, records_from_task, reference_answer
+from handrail.data import TINY_TEMPLATES, DataError, Record, hint_for, records_from_task, reference_answer
+from handrail.datafile import load_records
 from handrail.data import student_prompt, teacher_prompt
 from handrail.evaluate import evaluate
 from handrail.models import build_char_tokenizer, build_tiny_model, save_model
@@ -228,7 +229,7 @@ def _pretrain(cfg: PretrainConfig, log, held: contextlib.ExitStack) -> dict:
     rng = random.Random(cfg.seed)
     task, hard = None, set()
     if cfg.data:
-        records = load_records(cfg.data, cfg.fields)
+        records = list(load_records(cfg.data, cfg.fields))  # shuffled and split below
         rng.shuffle(records)
         # the closing check holds out records of the part the student never practises alone: the
         # part post-training is for (all records when hard_frac is 0)

@@ -32,7 +32,8 @@ from dataclasses import replace
 
 import torch
 
-from handrail.data import Record, hint_for, reference_answer, shuffle_references, teacher_prompt
+from handrail.data import Record, hint_for, reference_answer, teacher_prompt
+from handrail.datafile import shuffle_references
 from handrail.evaluate import evaluate, fit_records, prompt_ids, prompt_limit
 from handrail.models import HiddenStates, load_model, stop_ids
 from handrail.rollout import sample

@@ -9,7 +9,8 @@ import os
 import re
 from pathlib import Path
 
-from handrail.data import Record, load_records, records_from_task
+from handrail.data import Record, records_from_task
+from handrail.datafile import load_records
 from handrail.models import cache_dir
 from handrail.verifiers import FileTask
 from handrail.tasks import DEFAULT_TASK, StepArithmeticTask, get_task

@@ -38,7 +38,8 @@ from handrail.bootstrap import bootstrap, needs_bootstrap
 from handrail.bootstrap import load as load_bootstrap
 from handrail.bootstrap import save as save_bootstrap
 from handrail.cpu import keep_freed_memory
-from handrail.data import load_records, records_from_task, reference_answer, shuffle_references
+from handrail.data import records_from_task, reference_answer
+from handrail.datafile import facts, load_records, shuffle_references
 from handrail.evaluate import PromptIds, evaluate, fit_records, prompt_limit
 from handrail.models import (AdapterOff, HiddenStates, add_lora, first_line, load_model, nonfinite_weight,
                              save_model, stop_ids)
@@ -500,7 +501,8 @@ def _records(cfg: TrainConfig):
         level = cfg.level or task.post_level
         train_recs = records_from_task(task.split("train", cfg.train_n, level, seed=cfg.seed))
         eval_recs = records_from_task(task.split(cfg.eval_split, cfg.eval_n, level)) if cfg.eval_n else []
-    train_recs = [with_reference(r, cfg.reference, task) for r in train_recs]
+    if cfg.reference != "full":
+        train_recs = [with_reference(r, cfg.reference, task) for r in train_recs]
     if cfg.shuffle_references:
         train_recs = shuffle_references(train_recs, cfg.seed)
     return task, train_recs, eval_recs
@@ -548,10 +550,10 @@ def _bootstrap_stage(cfg, acc, out: Path, state: State, lm, tokenizer, templates
 
 def _resolve_logged(cfg: TrainConfig, records, log) -> None:
     """Logged-conversation records carry the text to train on, so nothing is sampled for them."""
-    logged = sum(r.completion is not None for r in records)
-    if logged and logged != len(records):
-        first = next(r for r in records if r.completion is None)
-        raise ValueError(f"{first.source}: a plain record among logged conversations; give them in separate files")
+    known = facts(records)  # from a file's index: a million records are not read to count them
+    logged = known.logged
+    if logged and logged != known.n:
+        raise ValueError(f"{known.first_unlogged}: a plain record among logged conversations; give them in separate files")
     from handrail.methods import METHODS
 
     if logged and not METHODS[cfg.method].reads_logged:

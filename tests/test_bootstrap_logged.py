@@ -9,7 +9,8 @@ import torch
 import handrail.bootstrap
 import handrail.train
 from handrail.config import build
-from handrail.data import DataError, load_records
+from handrail.data import DataError
+from handrail.datafile import load_records
 from handrail.evaluate import is_correct, is_leak
 from handrail.rollout import Rollout
 from handrail.tasks import get_task

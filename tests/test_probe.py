@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from handrail.data import Record
-from handrail.data import shuffle_references
+from handrail.datafile import shuffle_references
 from handrail.probe import probe, verdict
 from handrail.train import TrainConfig
 

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from handrail.data import (DataError, Record, Templates, hint_for, load_records, reference_answer,
-                           student_prompt, teacher_prompt)
+from handrail.data import DataError, Record, Templates, hint_for, reference_answer, student_prompt, teacher_prompt
+from handrail.datafile import load_records
 from handrail.answers import extract_answer
 from handrail.tasks import TASKS, get_task
 
@@ -309,7 +309,7 @@ class CountingTokenizer:
         return {"input_ids": [[ord(c) for c in t] for t in texts]}
 
 
-def test_prompt_ids_are_made_once_per_record_and_hint_within_the_budget():
+def test_prompt_ids_are_made_once_per_prompt_text_within_the_budget():
     from handrail.evaluate import PromptIds, prompt_ids
 
     tok, t = CountingTokenizer(), Templates(student="Q {prompt}", teacher="Q {prompt} H {solution}")
@@ -324,4 +324,6 @@ def test_prompt_ids_are_made_once_per_record_and_hint_within_the_budget():
     assert ids(batch) == prompt_ids(tok, batch, t) and tok.texts == before + 4  # (+4: the reference's own calls)
     small = PromptIds(tok, t, budget=len("Q 0+0"))  # room for one prompt: the rest tokenized per call
     assert small(recs[:2]) == small(recs[:2]) == prompt_ids(tok, recs[:2], t)
-    assert list(small._known) == [(id(recs[0]), "none")]
+    assert list(small._known) == ["Q 0+0"]
+    before = tok.texts  # a record read again from a file is a new object with the same prompt: no new call
+    assert ids([Record("3+3", "#### 6")]) == ids([recs[3]]) and tok.texts == before
