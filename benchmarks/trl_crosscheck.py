@@ -1,6 +1,7 @@
 """handrail beside TRL on the same base folder, task, prompts, verifier and held-out problems.
 
-    pip install 'trl==1.16.*'        # only this benchmark needs TRL
+    pip install 'handrail[trl]'      # TRL 1.16
+    python benchmarks/trl_crosscheck.py --out runs/trl-target --seeds 0,1,2 --rollouts 1024 --only sdft-target
     python benchmarks/trl_crosscheck.py --out runs/trl --seeds 0,1,2 --rollouts 1024 [--timing-pairs 2] [--process shared]
 
 For each seed, four trainings run one after another, each in a fresh process by default
@@ -119,8 +120,14 @@ def trl_run(kind: str, base: str, out: Path, seed: int, a, task, records, tokeni
         args = SDFTConfig(per_device_train_batch_size=16, num_generations=1, teacher_model_kind="base",
                           teacher_prompt_template="{prompt}{privileged_context}", distillation_alpha=0.0,
                           distillation_mode="full_logits", **common)
+        extra = {}
+        if kind == "sdft-target":  # TRL's trainer, handrail's target (rule and gate at handrail's defaults)
+            from handrail.trl_target import HandrailSDFTTrainer as SDFTTrainer
+
+            extra = dict(rule="trust-region", gate="divergence")
         trainer = SDFTTrainer(model=model, args=args, processing_class=tokenizer,
-                              train_dataset=trl_dataset(records, tokenizer, templates, True), callbacks=[clock])
+                              train_dataset=trl_dataset(records, tokenizer, templates, True), callbacks=[clock],
+                              **extra)
     trainer.train()
     folder = out / "model"
     trainer.model.save_pretrained(folder)
@@ -175,7 +182,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="grpo,sdft", help="grpo, sdft or both")
+    ap.add_argument("--only", default="grpo,sdft", help="grpo, sdft, sdft-target (TRL's trainer with handrail's "
+                    "target: handrail.trl_target), comma-separated")
     ap.add_argument("--timing-pairs", type=int, default=0,
                     help="per seed and method, this many more handrail/TRL pairs timed (not evaluated), in "
                          "alternating order; the time ratio is the median over all pairs")
@@ -184,7 +192,7 @@ def main():
                          "all in this one, so TRL also runs on the allocator settings handrail sets (handrail/cpu.py)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--worker", choices=("handrail", "trl"), help=argparse.SUPPRESS)  # one training, for --process each
-    ap.add_argument("--kind", choices=("grpo", "sdft"), help=argparse.SUPPRESS)
+    ap.add_argument("--kind", choices=("grpo", "sdft", "sdft-target"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     try:
@@ -201,7 +209,8 @@ def main():
     task, _, eval_recs = _records(TrainConfig(model=base, task=a.task, eval_n=a.eval_n))
     base_acc = held_out(base, eval_recs, task, a)
     print(f"base {base}: held-out greedy pass@1 {base_acc:.1%} (n={len(eval_recs)}); TRL {trl.__version__}")
-    pairs = {"grpo": ("handrail grpo", "TRL GRPOTrainer"), "sdft": ("handrail self-distill", "TRL SDFTTrainer")}
+    pairs = {"grpo": ("handrail grpo", "TRL GRPOTrainer"), "sdft": ("handrail self-distill", "TRL SDFTTrainer"),
+             "sdft-target": ("handrail self-distill", "TRL SDFTTrainer, handrail's target")}
     results = {name: {"handrail": [], "trl": [], "pairs": []} for name in a.only.split(",")}
     for seed in map(int, a.seeds.split(",")):
         for name in results:

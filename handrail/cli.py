@@ -403,16 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _terminated)  # what schedulers send: stop as Ctrl-C does
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # keep --json output and logs clean
-    hf_logging.set_verbosity_error()
-    import warnings
-
-    # deprecation notices inside the libraries speak to their callers' authors, not to a user's log
-    for module in ("transformers", "peft", "accelerate", "torch"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-    try:
+    try:  # a signal during the imports below ends like one during training (benchmarks/soak.py found it)
+        _quiet_libraries()
         return a.fn(a)
     except WriteError as e:  # a full disk, a read-only or over-quota filesystem: nothing half-written is left
         print(f"handrail {a.command}: error: {_one_line(e)}", file=sys.stderr)
@@ -428,6 +420,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"handrail {a.command}: {why}; a run continues from its last checkpoint with --resume",
               file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
+
+
+def _quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep --json output and logs clean
+    hf_logging.set_verbosity_error()
+    import warnings
+
+    # deprecation notices inside the libraries speak to their callers' authors, not to a user's log
+    for module in ("transformers", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
 def _one_line(e: Exception) -> str:

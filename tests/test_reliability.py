@@ -82,3 +82,20 @@ def test_two_compares_into_one_folder_one_is_refused(tiny_model, tmp_path):
         code = cli.main(["compare", "--model", tiny_model, "--methods", "sft", "--rollouts", "8", "--seeds", "1",
                          "--out", str(out), "samples_per_step=8"])
     assert code == 2 and not (out / "compare_config.json").exists()
+
+
+def test_a_sigterm_while_the_libraries_load_ends_in_one_line_and_143(monkeypatch, capsys, tmp_path):
+    """benchmarks/soak.py found it: a SIGTERM during transformers' import gave a traceback and exit 1."""
+    import signal
+
+    from handrail import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_quiet_libraries", lambda: cli._terminated(signal.SIGTERM, None))
+    try:
+        assert cli.main(["train", "--out", str(tmp_path / "r"), "--rollouts", "8"]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert err.startswith("handrail train: terminated (SIGTERM)") and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
