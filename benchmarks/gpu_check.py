@@ -17,6 +17,8 @@ Correctness, each against a stated tolerance (the table's `ok` column):
 - `lora`: the base with the adapter off (the LoRA teacher) gives the base model's logits while the
   adapter on changes them.
 - `methods bf16`: one training step of every method under `mixed_precision=bf16`, finite loss.
+- `two processes`: with two GPUs or more, DDP and FSDP2 (`fsdp=true`) launched by torchrun over
+  nccl, each against one process's loss; skipped (and said so) with one GPU.
 
 Figures, on randomly initialised models of real shapes (configs/models/qwen2.5-*.json, V=151,936;
 no download): rollout tokens/s (lean decoder, the model's forward, `model.generate`), seconds
@@ -223,6 +225,30 @@ def check_methods(device, tmp: Path) -> list[dict]:
     return out
 
 
+def check_two_processes(device, tmp: Path) -> list[dict]:
+    """DDP and FSDP2 over nccl, where the machine has two GPUs: two processes train the tiny model
+    to the same loss as one (what the CPU tests check over gloo)."""
+    import subprocess
+
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return [{"check": "two processes (DDP, FSDP2)", "measured": f"skipped: {torch.cuda.device_count()} GPU(s)",
+                 "tolerance": "-", "ok": True, "skipped": True}]
+    model, out = tiny_folder(tmp), []
+    keys = ["--rollouts", "16", "prompts_per_step=8", "max_new_tokens=16", "eval_n=0", "checkpoint_every=0"]
+    one = train_once(model, tmp / "p1", rollouts=16, prompts_per_step=8, max_new_tokens=16)
+    for label, extra in (("DDP", []), ("FSDP2", ["fsdp=true", "mixed_precision=bf16"])):
+        run = tmp / f"p2-{label}"
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "handrail.cli",
+                            "train", "--model", model, "--out", str(run), *keys, *extra], capture_output=True, text=True)
+        row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) if p.returncode == 0 else {}
+        loss = row.get("loss/total", float("nan"))
+        exact = label == "DDP"  # bf16 sharding rounds differently from one fp32 process
+        close = math.isclose(loss, one["loss/total"], rel_tol=1e-3 if exact else 5e-2, abs_tol=1e-6)
+        out.append({"check": f"two processes {label} (nccl)", "measured": f"rc {p.returncode}, loss {loss:.4g} vs one {one['loss/total']:.4g}",
+                    "tolerance": "1e-3 rel" if exact else "5e-2 rel (bf16)", "ok": p.returncode == 0 and close})
+    return out
+
+
 # -- figures -------------------------------------------------------------------------------------
 def figure_rollout(arch: str, device, small: bool, dtype) -> list[dict]:
     import handrail.rollout as rollout
@@ -349,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         sections = [lambda: check_decoder("qwen2.5-0.5b", device, a.small), lambda: check_decoder("llama", device, a.small),
                     lambda: check_loss(device, a.small), lambda: check_lora(device, a.small),
-                    lambda: check_methods(device, tmp)]
+                    lambda: check_methods(device, tmp), lambda: check_two_processes(device, tmp)]
         for run in sections:
             try:
                 checks += run()
@@ -374,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.time() - t0:.0f} s")
     print(f"{'check':<34} {'ok':<4} {'measured':<46} tolerance")
     for c in checks:
-        print(f"{c['check']:<34} {'yes' if c['ok'] else 'NO':<4} {c['measured']:<46} {c['tolerance']}")
+        ok = "skip" if c.get("skipped") else "yes" if c["ok"] else "NO"
+        print(f"{c['check']:<34} {ok:<4} {c['measured']:<46} {c['tolerance']}")
     if figures:
         print(f"\n{'figure':<44} {'value':>10}  unit / peak GPU GiB")
         for f in figures:

@@ -68,6 +68,7 @@ def _problems(a):
 def cmd_eval(a) -> int:
     from handrail.evaluate import evaluate, fit_records, prompt_limit
     from handrail.models import load_model
+    from handrail.run import model_folder
     if a.temperature < 0:
         raise C.ConfigError(f"--temperature: {a.temperature} is out of range (>= 0)")
     if a.overrides or a.config:  # eval has flags only: refuse what it would otherwise ignore
@@ -75,7 +76,7 @@ def cmd_eval(a) -> int:
                             f"(see handrail eval --help), not config keys")
     _output_file("--completions", a.completions, "evaluating")
     task, records = _problems(a)
-    model, tokenizer, templates = load_model(a.model, templates=a.templates)
+    model, tokenizer, templates = load_model(model_folder(a.model), templates=a.templates)
     records = fit_records(tokenizer, records, templates, prompt_limit(model, a.max_new_tokens), a.truncate, (a.hint,))
     completions = [] if a.completions else None
     res = evaluate(model, tokenizer, templates, records, task=task, hint=a.hint, samples=a.samples,
@@ -126,6 +127,7 @@ def cmd_probe(a) -> int:
 def cmd_search(a) -> int:
     from handrail.evaluate import fit_records, prompt_limit
     from handrail.models import load_model
+    from handrail.run import model_folder
     from handrail.run import progress
     from handrail.search import SearchConfig, search, value_mode
 
@@ -143,7 +145,7 @@ def cmd_search(a) -> int:
     cfg = SearchConfig(simulations=a.simulations, candidates=a.candidates, c_puct=a.c_puct, value=value,
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                        delimiter=a.delimiter.encode().decode("unicode_escape"), batch_size=a.batch_size)
-    model, tokenizer, templates = load_model(a.model, templates=a.templates)
+    model, tokenizer, templates = load_model(model_folder(a.model), templates=a.templates)
     records = fit_records(tokenizer, records, templates, prompt_limit(model, a.max_new_tokens), "error", ("none",))
     if value == "answer" and not a.json:
         print("note: --value answer scores rollouts against the reference answer: an oracle, an upper bound "
@@ -229,6 +231,7 @@ def cmd_decode(a) -> int:
     from handrail.data import Record
     from handrail.evaluate import prompt_ids
     from handrail.models import load_model, stop_ids
+    from handrail.run import model_folder
     from handrail.rollout import Guide, sample
     from handrail.run import eval_records
     from handrail.targets import NEEDS_INITIAL, RULES, make_rule
@@ -240,7 +243,7 @@ def cmd_decode(a) -> int:
                             ("--top-p", a.top_p, 0 < a.top_p <= 1), ("--temperature", a.temperature, a.temperature >= 0)):
         if not ok:
             raise C.ConfigError(f"{flag}: {value} is out of range")
-    model, tok, tpl = load_model(a.model, templates=a.templates)
+    model, tok, tpl = load_model(model_folder(a.model), templates=a.templates)
     if a.prompt:
         if not a.solution:
             raise ValueError("--prompt needs --solution (the reference the teacher sees)")

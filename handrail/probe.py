@@ -190,7 +190,7 @@ def probe(cfg, n: int = 64, html_attempts: int = 0, log=print) -> dict:
     hint=answer only the answer), aggregation rule and gate (a TrainConfig: what training would
     use). Returns the figures, the verdict and, with `html_attempts`, that many attempts token
     by token."""
-    from handrail.run import eval_records
+    from handrail.run import eval_records, model_folder
 
     t0 = time.time()
     if cfg.threads:
@@ -199,7 +199,7 @@ def probe(cfg, n: int = 64, html_attempts: int = 0, log=print) -> dict:
     records = [r for r in records if r.completion is None and reference_answer(r) is not None]
     if len(records) < 2:
         raise ValueError("probe: needs at least 2 records with a reference or an answer (and not logged turns)")
-    model, tok, tpl = load_model(cfg.model, templates=cfg.templates)
+    model, tok, tpl = load_model(model_folder(cfg.model), templates=cfg.templates)
     limit = prompt_limit(model, cfg.max_new_tokens)
     records = fit_records(tok, records, tpl, limit, cfg.truncate, ("none", "solution", "answer"))
     others = fit_records(tok, shuffle_references(records, cfg.seed, cfg.hint), tpl, limit, cfg.truncate, ("solution",))

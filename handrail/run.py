@@ -29,6 +29,12 @@ def eval_records(task: str | None, data: str | None, level: int | None = None, n
     return t, records_from_task(t.split("test", n or t.test_size, level))
 
 
+def model_folder(spec: str, log=lambda *_: None) -> str:
+    """What a command's `--model` names, with 'default' resolved to the embedded base's cached
+    folder (built on first use by `handrail pretrain`'s recipe: a few minutes)."""
+    return str(default_base_model(log=log)) if spec == "default" else spec
+
+
 QUICK = dict(max_steps=150, d_model=64, n_layers=2, n_problems=4000, eval_n=100)
 
 
@@ -83,9 +89,7 @@ def environment(model: str | None = None) -> dict:
            "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
            "isa_overrides": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
                                                         "ONEDNN_MAX_CPU_ISA") if k in os.environ}}
-    from handrail.models import resolve
-
-    folder = resolve(model) if model else None
+    folder = Path(model_folder(model)) if model else None
     if folder is not None and folder.is_dir():
         for name in ("pretrain_config.json", "pretrain_result.json"):
             if (folder / name).exists():

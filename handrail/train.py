@@ -48,7 +48,7 @@ from handrail.sharding import Shards, by_position, load_optimizer
 from handrail.steps import delimiter_table, step_ends
 from handrail.tasks import DEFAULT_TASK, get_task
 from handrail.verifiers import FileTask
-from handrail.run import FolderLock, progress, writing
+from handrail.run import FolderLock, model_folder, progress, writing
 
 
 def _registry(module: str, name: str):
@@ -293,7 +293,8 @@ def _train(cfg: TrainConfig, resume: bool, log, held: contextlib.ExitStack) -> d
     check = task or FileTask(cfg.verifier)  # what verifies an answer and spots a leak
 
     # -- model, method (before anything is written: a model that fails to load leaves no run) ----
-    initial, tokenizer, templates = load_model(cfg.model, device=acc.device, templates=cfg.templates)
+    model = model_folder(cfg.model)  # 'default': the embedded base, built on first use
+    initial, tokenizer, templates = load_model(model, device=acc.device, templates=cfg.templates)
     limit = prompt_limit(initial, cfg.max_new_tokens)
     hints = ("none", cfg.hint) if METHODS[cfg.method].privileged else ("none",)
     prompts = PromptIds(tokenizer, templates)  # each record tokenized once, here, for the whole run
@@ -304,7 +305,7 @@ def _train(cfg: TrainConfig, resume: bool, log, held: contextlib.ExitStack) -> d
     if cfg.lora_r:  # adapters on the base; the base itself, adapter off, is the initial model
         lm = add_lora(initial, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
         initial = AdapterOff(lm)
-        meta = {"base_model": str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model}
+        meta = {"base_model": str(Path(model).resolve()) if Path(model).exists() else model}
     else:
         lm = copy.deepcopy(initial) if ckpt else initial
     if cfg.grad_checkpointing:  # the student's forward for the loss; sampling uses the KV cache as before
