@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from handrail.data import hint_for, reference_answer
+from handrail.data import hint_for
 from handrail.evaluate import PromptIds, is_correct, prompt_ids
 from handrail.models import AdapterOff, HiddenStates
 from handrail.objectives import (chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk, fusable,
@@ -398,7 +398,7 @@ class SFT(Method):
     needs_rollouts = False
 
     def given_rollout(self, records, device, lm=None) -> Rollout:
-        texts = [r.solution or f"#### {reference_answer(r)}" for r in records]
+        texts = [hint_for(r, "solution") for r in records]  # the reference, or "#### <answer>" for answer-only
         return given_rollout(self.tokenizer, self.prompts(records), texts, device)
 
     def score(self, records, rollout, lm_now, world: World):
