@@ -112,6 +112,13 @@ def _layout(row: dict, fields: dict[str, str]) -> tuple[dict, dict[str, str]]:
     return row, names
 
 
+def refuse_bad(errors: list[str]) -> None:
+    """The first bad record's message, and how many more there are: never a partial read."""
+    if errors:
+        more = f" ({len(errors) - 1} more bad records)" if len(errors) > 1 else ""
+        raise DataError(errors[0] + more)
+
+
 def read_csv(path: Path, fields: str | None = None) -> list[Record]:
     """Every record of a CSV/TSV file, validated (datafile.load_records reads every format)."""
     mapping = parse_fields(fields)
@@ -121,9 +128,7 @@ def read_csv(path: Path, fields: str | None = None) -> list[Record]:
             records.extend(parse_row(row, f"{path}:{line}", mapping))
         except DataError as e:
             errors.append(str(e))
-    if errors:
-        more = f" ({len(errors) - 1} more bad records)" if len(errors) > 1 else ""
-        raise DataError(errors[0] + more)
+    refuse_bad(errors)
     if not records:
         raise DataError(f"{path}: no records")
     return records

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from handrail.data import DataError, Record, _Bad, hint_for, parse_fields, parse_row, read_csv, reference_answer
+from handrail.data import (DataError, Record, _Bad, hint_for, parse_fields, parse_row, read_csv, reference_answer,
+                           refuse_bad)
 
 CACHE_FROM = 10_000  # records: smaller files are read faster than a cache is checked
 INDEX_VERSION = 1  # bump when what an index holds, or how rows are parsed, changes
@@ -125,9 +126,7 @@ class RecordFile(Records):
                 answer_only += made is not None and not made[k].solution
                 if first_unlogged is None and not rec_logged:
                     first_unlogged = made[k].source if made else where
-        if errors:
-            more = f" ({len(errors) - 1} more bad records)" if len(errors) > 1 else ""
-            raise DataError(errors[0] + more)
+        refuse_bad(errors)
         self.facts = Facts(len(self.rows), logged, answer_only, first_unlogged)
 
     def _scan_arrow(self) -> bool:
