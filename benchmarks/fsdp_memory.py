@@ -28,17 +28,17 @@ def _peak_mib() -> float:
 
 
 def child(a) -> None:
-    import handrail.train as T
+    from handrail.checkpoint import Checkpoints
     from handrail.train import TrainConfig, train
 
     training_peak = {}
-    save = T._save_checkpoint
+    save = Checkpoints.save
 
     def first_peak_then_save(*args, **kw):  # the run's last step ends with a checkpoint
         training_peak.setdefault("mib", _peak_mib())
         return save(*args, **kw)
 
-    T._save_checkpoint = first_peak_then_save
+    Checkpoints.save = first_peak_then_save
 
     out = a.run_dir  # one folder for both processes: the first writes it
     cfg = TrainConfig(model=a.model, out=out, rollouts=a.prompts * a.steps, prompts_per_step=a.prompts,

@@ -13,6 +13,8 @@ attempt answered; never the right answer), and the reference solution as the acc
                   {"role": "assistant", "content": "37+5=42\\n42-8=34\\n34+6=40\\n#### 40", "accepted": true}],
      "answer": "40"}
 
+With `--task`, `test.jsonl` holds the task's held-out test problems (for `--eval-data`).
+
 Two files over the same problems, so that three ways to learn from them compare on equal data:
 `conversations.jsonl` (train with `rollout=logged`: nothing is sampled) and `problems.jsonl`
 (prompt, the accepted reply as the solution, answer: SFT on the accepted replies, or on-policy
@@ -40,6 +42,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512, help="problems to attempt")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test", type=int, default=200,
+                    help="with --task: also write this many of its held-out test problems as test.jsonl")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     model, tok, tpl = load_model(a.model)
@@ -71,6 +75,10 @@ def main() -> None:
                 {"role": "assistant", "content": rec.solution, "accepted": True}], "answer": answer}) + "\n")
             plain.write(json.dumps({"prompt": rec.text, "solution": rec.solution, "answer": answer}) + "\n")
             kept += 1
+    if not a.data and a.test:  # the task's held-out problems as a file, so every run is evaluated on them
+        with open(out / "test.jsonl", "w") as f:
+            for rec in records_from_task(task.split("test", a.test, task.post_level)):
+                f.write(json.dumps({"prompt": rec.text, "solution": rec.solution, "answer": reference_answer(rec)}) + "\n")
     print(f"{kept} of {len(records)} first attempts were wrong: {out}/conversations.jsonl, problems.jsonl")
 
 

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 
+from handrail.errors import UsageError
 from handrail import config as C
 
 
@@ -193,7 +194,7 @@ def cmd_compare(a) -> int:
     from handrail.tasks import DEFAULT_TASK
 
     if not a.model and (a.data or a.task not in (None, DEFAULT_TASK)):
-        raise ValueError("--model is required unless the task is the embedded default")
+        raise UsageError("--model is required unless the task is the embedded default")
     model = a.model or "default"
     flags = dict(model=model, task=a.task, data=a.data, methods=a.methods, rollouts=a.rollouts,
                  seeds=a.seeds, out=a.out)
@@ -246,7 +247,7 @@ def cmd_decode(a) -> int:
     model, tok, tpl = load_model(model_folder(a.model), templates=a.templates)
     if a.prompt:
         if not a.solution:
-            raise ValueError("--prompt needs --solution (the reference the teacher sees)")
+            raise UsageError("--prompt needs --solution (the reference the teacher sees)")
         rec, task = Record(a.prompt, a.solution), None
     else:
         task, recs = eval_records(a.task, None, a.level, a.index + 1)
@@ -398,8 +399,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from handrail.data import DataError
-    from handrail.models import ModelError
     from handrail.run import WriteError
     from handrail.train import NonFinite
 
@@ -412,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     except WriteError as e:  # a full disk, a read-only or over-quota filesystem: nothing half-written is left
         print(f"handrail {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 4
-    except (DataError, C.ConfigError, ModelError, ValueError, FileNotFoundError) as e:
+    except (UsageError, FileNotFoundError) as e:  # a user's mistake; any other exception is a bug: its traceback
         print(f"handrail {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except NonFinite as e:

@@ -19,6 +19,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from handrail.errors import UsageError
 from handrail import config as C
 from handrail.models import first_line
 from handrail.train import TrainConfig, train
@@ -54,17 +55,17 @@ class CompareConfig:
 
     def validate(self):
         if not self.model:
-            raise ValueError("config key 'model': required")
+            raise UsageError("config key 'model': required")
         if self.samples_per_step % self.group_size:
-            raise ValueError("samples_per_step must be a multiple of group_size")
+            raise UsageError("samples_per_step must be a multiple of group_size")
         for name in self.scenarios.split(","):
             if name not in SCENARIOS:
-                raise ValueError(f"config key 'scenarios': unknown {name!r}; choose {', '.join(SCENARIOS)}")
+                raise UsageError(f"config key 'scenarios': unknown {name!r}; choose {', '.join(SCENARIOS)}")
         if self.data and set(self.scenarios.split(",")) - {"full", "answer", "shuffled", "noref"}:
-            raise ValueError("config key 'scenarios': with --data only full (the file as it is), answer (its "
+            raise UsageError("config key 'scenarios': with --data only full (the file as it is), answer (its "
                              "solutions dropped), shuffled and noref apply; put terse or harder records in the file itself")
         if self.sweep and self.data and not self.val_data:
-            raise ValueError("config key 'val_data': a sweep on --data needs validation records of its own "
+            raise UsageError("config key 'val_data': a sweep on --data needs validation records of its own "
                              "(hyperparameters are never chosen on the test records)")
         swept = sweep_values(self.sweep)
         for seed in range(self.seeds):  # every run's config is checked before the first one trains
@@ -147,9 +148,9 @@ def curve(run: Path, per_step: int, score: str = "strict") -> list[dict]:
     lenient: answers.py), "pass@1_other" the other one."""
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     keys = ("eval/pass@1", "eval/pass@1_lenient")[::1 if score == "strict" else -1]
-    # a bootstrap stage's samples (train.py) come before step 1 and count like any others; a run
-    # that samples logs its own count (with vine's branches), SFT's examples are steps x per_step
-    return [{"samples": max(r.get("rollouts", 0), r["step"] * per_step + r.get("bootstrap_rollouts", 0)),
+    # each row carries what the run has spent (budget.py); rows written before it did are counted
+    # the same way here
+    return [{"samples": r.get("samples", max(r.get("rollouts", 0), r["step"] * per_step + r.get("bootstrap_rollouts", 0))),
              "seconds": r["seconds"],
              "pass@1": r[keys[0]], "pass@1_other": r.get(keys[1]), "leak_rate": r["eval/leak_rate"],
              "tokens_per_solved": r.get("eval/tokens_per_solved")} for r in rows if "eval/pass@1" in r]
@@ -175,7 +176,7 @@ def mean_curve(curves: list[list[dict]], key: str = "pass@1") -> list[tuple[int,
 def compare(cfg: CompareConfig, log=print) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: already exists and is not empty; choose another --out")
+        raise UsageError(f"{out}: already exists and is not empty; choose another --out")
     with FolderLock(out):  # one comparison per folder (each run also locks its own)
         return _compare(cfg, out, log)
 
@@ -194,7 +195,7 @@ def _compare(cfg: CompareConfig, out: Path, log) -> dict:
                                  for key, run in todo.items()}, log)
     failed = next((key for key, s in summaries.items() if "error" in s), None)
     if failed:
-        raise ValueError(f"run {todo[failed]} failed ({summaries[failed]['error']}); the other runs are kept in {out}")
+        raise UsageError(f"run {todo[failed]} failed ({summaries[failed]['error']}); the other runs are kept in {out}")
     for scenario in scenarios:
         results = {}
         for spec in cfg.methods.split(","):
@@ -242,7 +243,7 @@ def _sweep(cfg: CompareConfig, out: Path, scenarios: list[str], specs: list[str]
                       statistics.mean(curve(Path(runs[scenario, spec, v, s].out), cfg.samples_per_step, cfg.score)[-1]["pass@1"]
                                       for s in range(cfg.sweep_seeds)) for v in values}
             if all(score is None for score in scores.values()):
-                raise ValueError(f"sweep: every {key} failed for {spec} in scenario {scenario}: "
+                raise UsageError(f"sweep: every {key} failed for {spec} in scenario {scenario}: "
                                  f"{summaries[scenario, spec, values[0], 0]['error']}")
             best = max((v for v in values if scores[v] is not None), key=lambda v: scores[v])  # first of equals
             chosen[scenario, spec] = {key: best}

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from handrail.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)
         self.key = key  # the config key at fault, so the caller can say where its value came from

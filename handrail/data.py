@@ -23,13 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from handrail.errors import UsageError
 from handrail.answers import ANSWER_MARK, extract_answer, last_boxed
 from handrail.tasks import Problem
 
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A bad input record; the message names file, line and field."""
 
 
@@ -83,7 +84,7 @@ def parse_fields(spec: str | None) -> dict[str, str]:
             continue
         ours, sep, theirs = (x.strip() for x in item.partition("="))
         if not sep or ours not in FIELDS or not theirs:
-            raise ValueError(f"config key 'fields': expected name=file_field with name one of "
+            raise UsageError(f"config key 'fields': expected name=file_field with name one of "
                              f"{', '.join(FIELDS)}, got {item.strip()!r}")
         out[ours] = theirs
     return out
@@ -301,4 +302,4 @@ def hint_for(rec: Record, mode: str) -> str | None:
         if ans is None:
             raise DataError(f"{rec.source}: field 'answer': missing, needed for answer-only hints")
         return f"#### {ans}"
-    raise ValueError(f"unknown hint mode {mode!r}; choose none, solution, answer or blank")
+    raise UsageError(f"unknown hint mode {mode!r}; choose none, solution, answer or blank")

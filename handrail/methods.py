@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from handrail.errors import UsageError
 from handrail.data import hint_for
 from handrail.evaluate import PromptIds, is_correct, prompt_ids
 from handrail.models import AdapterOff, HiddenStates
@@ -129,13 +130,13 @@ class Method:
     def check(cls, cfg) -> None:
         """Rules this method puts on the training config (ValueError naming the key)."""
         if cls.grouped and cfg.samples_per_prompt < 2:
-            raise ValueError(f"config key 'samples_per_prompt': {cfg.method} compares completions within a group, "
+            raise UsageError(f"config key 'samples_per_prompt': {cfg.method} compares completions within a group, "
                              f"so it needs at least 2 per prompt, got {cfg.samples_per_prompt}")
         if cfg.rollout in ("guided", "logged") and not cls.distils:
-            raise ValueError(f"config key 'rollout': {cfg.rollout} rollouts need method self-distill "
+            raise UsageError(f"config key 'rollout': {cfg.rollout} rollouts need method self-distill "
                              f"(they need a teacher)")
         if cfg.counterfactual != "none" and not cls.distils:
-            raise ValueError(f"config key 'counterfactual': a counterfactual teacher shapes self-distillation's "
+            raise UsageError(f"config key 'counterfactual': a counterfactual teacher shapes self-distillation's "
                              f"target (method self-distill or srpo), not {cfg.method}'s")
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts: PromptIds | None = None):
@@ -460,7 +461,7 @@ class SRPO(Method):
     def check(cls, cfg) -> None:
         super().check(cfg)
         if cfg.rollout in ("guided", "logged"):
-            raise ValueError(f"config key 'rollout': {cfg.rollout} rollouts need method self-distill "
+            raise UsageError(f"config key 'rollout': {cfg.rollout} rollouts need method self-distill "
                              f"(they need a teacher)")
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
@@ -607,7 +608,7 @@ class ExpertIteration(Method):
     def check(cls, cfg) -> None:
         super().check(cfg)
         if cfg.search_value == "check" and cfg.data:
-            raise ValueError("config key 'search_value': check needs a task with a program check (the embedded "
+            raise UsageError("config key 'search_value': check needs a task with a program check (the embedded "
                              "tasks); with --data use answer")
 
     def given_rollout(self, records, device, lm=None) -> Rollout:

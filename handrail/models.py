@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from handrail import decoder
+from handrail.errors import UsageError
 from handrail.data import Templates
 
 HANDRAIL_META = "handrail.json"  # templates and task a tiny model was built for
@@ -21,7 +22,7 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     pass
 
 

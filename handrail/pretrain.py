@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from handrail.errors import UsageError
 from handrail.cpu import keep_freed_memory
 from handrail.data import TINY_TEMPLATES, DataError, Record, hint_for, records_from_task, reference_answer
 from handrail.datafile import load_records
@@ -88,16 +89,16 @@ class PretrainConfig:
         from handrail.verifiers import load as load_verifier
 
         if self.task and self.data:
-            raise ValueError("give --task or --data, not both")
+            raise UsageError("give --task or --data, not both")
         parse_fields(self.fields)
         load_verifier(self.verifier)
         if self.d_model % self.n_heads:
-            raise ValueError(f"config key 'd_model': {self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise UsageError(f"config key 'd_model': {self.d_model} is not divisible by n_heads={self.n_heads}")
         for key in ("levels", "hinted_only_levels", "misconception_levels"):
             try:
                 _levels(getattr(self, key))
             except ValueError:
-                raise ValueError(f"config key {key!r}: expected comma-separated integers, got "
+                raise UsageError(f"config key {key!r}: expected comma-separated integers, got "
                                  f"{getattr(self, key)!r}") from None
 
 

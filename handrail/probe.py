@@ -32,6 +32,7 @@ from dataclasses import replace
 
 import torch
 
+from handrail.errors import UsageError
 from handrail.data import Record, hint_for, reference_answer, teacher_prompt
 from handrail.datafile import shuffle_references
 from handrail.evaluate import evaluate, fit_records, prompt_ids, prompt_limit
@@ -198,7 +199,7 @@ def probe(cfg, n: int = 64, html_attempts: int = 0, log=print) -> dict:
     task, records = eval_records(cfg.task, cfg.eval_data or cfg.data, cfg.level, n, cfg.fields, cfg.verifier)
     records = [r for r in records if r.completion is None and reference_answer(r) is not None]
     if len(records) < 2:
-        raise ValueError("probe: needs at least 2 records with a reference or an answer (and not logged turns)")
+        raise UsageError("probe: needs at least 2 records with a reference or an answer (and not logged turns)")
     model, tok, tpl = load_model(model_folder(cfg.model), templates=cfg.templates)
     limit = prompt_limit(model, cfg.max_new_tokens)
     records = fit_records(tok, records, tpl, limit, cfg.truncate, ("none", "solution", "answer"))

@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+from handrail.errors import UsageError
 from handrail.data import Record, records_from_task
 from handrail.datafile import load_records
 from handrail.models import cache_dir
@@ -25,7 +26,7 @@ def eval_records(task: str | None, data: str | None, level: int | None = None, n
         return FileTask(verifier), records[:n] if n else records
     t = get_task(task or DEFAULT_TASK)
     if level is not None and level not in t.levels:
-        raise ValueError(f"--level {level}: task {t.name} has levels {min(t.levels)}-{max(t.levels)}")
+        raise UsageError(f"--level {level}: task {t.name} has levels {min(t.levels)}-{max(t.levels)}")
     return t, records_from_task(t.split("test", n or t.test_size, level))
 
 

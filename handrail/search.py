@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from handrail.errors import UsageError
 from handrail.data import Record, reference_answer
 from handrail.evaluate import is_correct, prompt_ids
 from handrail.models import stop_ids
@@ -102,7 +103,7 @@ def value_mode(task, value: str = "") -> str:
     else the reference answer. Asking for `check` of a task without one is an error."""
     has_check = getattr(task, "checked", None) is not None
     if value == "check" and not has_check:
-        raise ValueError("--value: check needs a task with a program check (the embedded tasks); "
+        raise UsageError("--value: check needs a task with a program check (the embedded tasks); "
                          "for data files use --value answer (an oracle at test time)")
     return value or ("check" if has_check else "answer")
 

@@ -21,6 +21,8 @@ import copy
 
 import torch
 
+from handrail.errors import UsageError
+
 
 class Shards:
     """The sharded policy (sharded in place by the constructor) and its full-weight copy for
@@ -81,7 +83,7 @@ def load_optimizer(policy, opt, folder) -> None:
 def decoder_layers(lm) -> list:
     layers = getattr(getattr(lm, "model", None), "layers", None)
     if layers is None:
-        raise ValueError(f"config key 'fsdp': cannot find the decoder layers of {type(lm).__name__} "
+        raise UsageError(f"config key 'fsdp': cannot find the decoder layers of {type(lm).__name__} "
                          f"(expected model.layers)")
     return list(layers)
 

@@ -39,6 +39,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from handrail.errors import UsageError
+
 FLOOR = -1e4  # stands in for -inf: exp(FLOOR) == 0 in float32, but FLOOR * 0 == 0, not nan
 
 
@@ -155,7 +157,7 @@ def make_rule(name: str, lam: float = 0.5, delta: float = 0.1, lam_max: float = 
               "support": {"top_p": top_p}, "considered": {"tau": tau},
               "anchored": {"delta": delta, "lam_max": lam_max}}
     if name not in RULES:
-        raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
+        raise UsageError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
     rule = partial(RULES[name], **params[name])
     rule.needs_initial = name in NEEDS_INITIAL
     return rule

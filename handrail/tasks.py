@@ -30,6 +30,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from handrail.errors import UsageError
 from handrail.answers import ANSWER_MARK, answers_match, extract_answer, lenient
 
 _STEP_RE = re.compile(r"^\s*(-?\d+)((?:\s*[+\-]\s*\d+)+)\s*=\s*(-?\d+)\s*$")  # 37+5=42, 37+5-8=34
@@ -111,7 +112,7 @@ class StepArithmeticTask:
                 out.append(p)
                 if len(out) == n:
                     return out
-        raise ValueError(f"task {self.name!r} level {level} has fewer than {n} distinct problems")
+        raise UsageError(f"task {self.name!r} level {level} has fewer than {n} distinct problems")
 
     # -- scoring ---------------------------------------------------------------------------------
     def verify(self, completion: str, answer: str) -> bool:
@@ -323,4 +324,4 @@ def get_task(name: str) -> StepArithmeticTask:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}") from None
+        raise UsageError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}") from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from handrail.errors import UsageError
 from handrail.methods import until_divergence
 from handrail.targets import kl
 
@@ -39,7 +40,7 @@ def make_target(rule: str = "trust-region", **params):
     cfg = TrainConfig(rule=rule, **params)
     made = cfg.aggregation_rule()
     if getattr(made, "needs_initial", False):
-        raise ValueError(f"rule {rule!r} measures from the initial student, which TRL's trainer does not "
+        raise UsageError(f"rule {rule!r} measures from the initial student, which TRL's trainer does not "
                          f"compute; use trust-region, geometric, support or none")
     return made
 
@@ -75,14 +76,14 @@ class HandrailSDFTTrainer(SDFTTrainer):
                  **kwargs):
         params = {k: kwargs.pop(k) for k in ("delta", "lam", "lam_max", "support_top_p", "tau") if k in kwargs}
         if gate not in GATES:
-            raise ValueError(f"gate {gate!r}: choose one of {', '.join(GATES)}")
+            raise UsageError(f"gate {gate!r}: choose one of {', '.join(GATES)}")
         self.handrail_rule, self.handrail_gate, self.handrail_gate_prob = make_target(rule, **params), gate, gate_prob
         super().__init__(*args, **kwargs)
         if self.args.distillation_mode != "full_logits":
-            raise ValueError("HandrailSDFTTrainer needs distillation_mode='full_logits' (the target is over the "
+            raise UsageError("HandrailSDFTTrainer needs distillation_mode='full_logits' (the target is over the "
                              "whole vocabulary)")
         if self.use_teacher_server:
-            raise ValueError("HandrailSDFTTrainer needs the teacher's logits in this process, not a teacher server")
+            raise UsageError("HandrailSDFTTrainer needs the teacher's logits in this process, not a teacher server")
 
     def _compute_self_distillation_loss(self, model, inputs, distillation_logits):
         d = distillation_logits

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 from typing import Callable
 
+from handrail.errors import UsageError
 from handrail.data import reference_answer
 from handrail.answers import ANSWER_MARK, answers_match, extract_answer, lenient, stated_before_work
 
@@ -41,18 +42,18 @@ def load(spec: str) -> Verify:
     if spec in BUILTIN:
         if spec == "math":
             if importlib.util.find_spec("math_verify") is None:
-                raise ValueError("config key 'verifier': math needs the math-verify package "
+                raise UsageError("config key 'verifier': math needs the math-verify package "
                                  "(pip install 'handrail[math]')")
         return BUILTIN[spec]
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"config key 'verifier': expected exact, math or module:function, got {spec!r}")
+        raise UsageError(f"config key 'verifier': expected exact, math or module:function, got {spec!r}")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"config key 'verifier': cannot load {spec!r} ({type(e).__name__}: {e})") from None
+        raise UsageError(f"config key 'verifier': cannot load {spec!r} ({type(e).__name__}: {e})") from None
     if not callable(fn):
-        raise ValueError(f"config key 'verifier': {spec!r} is not a function")
+        raise UsageError(f"config key 'verifier': {spec!r} is not a function")
     return fn
 
 

@@ -91,3 +91,22 @@ def test_key_value_overrides_may_come_anywhere_on_the_line():
         with pytest.raises(SystemExit) as e:
             parse(argv)
         assert e.value.code == 2
+
+
+def test_a_users_mistake_is_exit_2_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    import handrail.cli as cli
+    from handrail.errors import UsageError
+
+    def fails(error):
+        def fn(a):
+            raise error
+        return fn
+
+    real = cli.parse
+    monkeypatch.setattr(cli, "parse", lambda argv: (lambda a: (setattr(a, "fn", fn_now[0]), a)[1])(real(argv)))
+    fn_now = [fails(UsageError("config key 'x': no good"))]
+    assert cli.main(["eval", "--model", "m"]) == 2
+    assert capsys.readouterr().err.strip() == "handrail eval: error: config key 'x': no good"
+    fn_now[0] = fails(ValueError("a bug's message"))  # not the user's mistake: not turned into one
+    with pytest.raises(ValueError, match="a bug's message"):
+        cli.main(["eval", "--model", "m"])
