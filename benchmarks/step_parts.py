@@ -33,7 +33,7 @@ from handrail.methods import METHODS, World
 from handrail.models import HiddenStates, load_model, stop_ids
 from handrail.rollout import sample
 from handrail.run import default_base_model
-from handrail.train import TrainConfig, _records
+from handrail.train import TrainConfig, task_and_records
 
 
 def main():
@@ -52,7 +52,7 @@ def main():
     teacher.eval()
     student = load_model(model)[0].train()
     policy = HiddenStates(student)
-    task, records, _ = _records(cfg)
+    task, records, _ = task_and_records(cfg)
     records = records[:a.rollouts]
     method = METHODS["self-distill"](cfg, teacher, tok, tpl, task, PromptIds(tok, tpl))
     params = list(student.parameters())

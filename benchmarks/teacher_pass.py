@@ -24,7 +24,7 @@ from handrail.methods import completion_hidden
 from handrail.models import HiddenStates, load_model, stop_ids
 from handrail.rollout import sample
 from handrail.run import default_base_model
-from handrail.train import TrainConfig, _records
+from handrail.train import TrainConfig, task_and_records
 
 
 def main():
@@ -39,7 +39,7 @@ def main():
     model = a.model or str(default_base_model())
     lm, tok, tpl = load_model(model)
     lm.eval()
-    records = _records(TrainConfig(model=model))[1][:a.rollouts]
+    records = task_and_records(TrainConfig(model=model))[1][:a.rollouts]
     rollout = sample(lm, tok, prompt_ids(tok, records, tpl), max_new_tokens=64, stop_ids=stop_ids(tok),
                      temperature=1.0, seed=0)
     teacher = prompt_ids(tok, records, tpl, hint="solution")

@@ -44,7 +44,7 @@ from handrail.data import student_prompt, teacher_prompt
 from handrail.evaluate import evaluate, is_correct
 from handrail.models import load_model
 from handrail.run import default_base_model, environment
-from handrail.train import TrainConfig, _records, train
+from handrail.train import TrainConfig, task_and_records, train
 
 
 def handrail_run(base: str, out: Path, seed: int, a, **kw) -> dict:
@@ -141,7 +141,7 @@ def train_here(lib: str, name: str, base: str, dest: Path, seed: int, a) -> dict
         kw = (dict(method="grpo", prompts_per_step=16 // a.group_size, samples_per_prompt=a.group_size)
               if name == "grpo" else dict(method="self-distill", prompts_per_step=16))
         return handrail_run(base, dest, seed, a, **kw)
-    task, records, _ = _records(TrainConfig(model=base, task=a.task, seed=seed))  # handrail's for this seed
+    task, records, _ = task_and_records(TrainConfig(model=base, task=a.task, seed=seed))  # handrail's for this seed
     _, tokenizer, templates = load_model(base)
     return trl_run(name, base, dest, seed, a, task, records, tokenizer, templates)
 
@@ -206,7 +206,7 @@ def main():
         return
     base = a.base or str(default_base_model())
     out = Path(a.out)
-    task, _, eval_recs = _records(TrainConfig(model=base, task=a.task, eval_n=a.eval_n))
+    task, _, eval_recs = task_and_records(TrainConfig(model=base, task=a.task, eval_n=a.eval_n))
     base_acc = held_out(base, eval_recs, task, a)
     print(f"base {base}: held-out greedy pass@1 {base_acc:.1%} (n={len(eval_recs)}); TRL {trl.__version__}")
     pairs = {"grpo": ("handrail grpo", "TRL GRPOTrainer"), "sdft": ("handrail self-distill", "TRL SDFTTrainer"),

@@ -345,7 +345,7 @@ def _train(cfg: TrainConfig, resume: bool, log, held: contextlib.ExitStack) -> d
     ckpt = ckpt if resume else None
 
     # -- records, model, method (before anything is written: a model that fails to load leaves no run)
-    task, train_recs, eval_recs = _records(cfg)
+    task, train_recs, eval_recs = task_and_records(cfg)
     curriculum_recs = _curriculum_records(cfg, task)
     _resolve_logged(cfg, train_recs, log)
     check = task or FileTask(cfg.verifier)  # what verifies an answer and spots a leak
@@ -490,7 +490,9 @@ def _policy_model(cfg: TrainConfig, initial, model: str, copy_initial: bool):
     return lm, initial, meta
 
 
-def _records(cfg: TrainConfig):
+def task_and_records(cfg: TrainConfig):
+    """(the embedded task or None, training records, held-out records) as `cfg` describes them:
+    the run's data, with the scenario's references (terse, answer only, shuffled) applied."""
     if cfg.data:
         train_recs = load_records(cfg.data, cfg.fields)
         eval_recs = load_records(cfg.eval_data, cfg.fields) if cfg.eval_data else []

@@ -112,12 +112,12 @@ def _run(tiny_model, tmp_path, **kw):
     from handrail.models import HiddenStates, load_model, stop_ids
     from handrail.parallel import Parallel
     from handrail.steps import delimiter_table
-    from handrail.train import Run, _records
+    from handrail.train import Run, task_and_records
 
     cfg = TrainConfig(model=tiny_model, out=str(tmp_path), prompts_per_step=4, max_new_tokens=16, train_n=32,
                       level=2, eval_n=0, rollouts=64, lr=1e-3, **kw)
     acc = Accelerator(cpu=True)
-    task, records, _ = _records(cfg)
+    task, records, _ = task_and_records(cfg)
     lm, tok, templates = load_model(tiny_model)
     method = METHODS[cfg.method](cfg, lm, tok, templates, task, PromptIds(tok, templates))  # copies its teacher
     parallel = Parallel(acc, HiddenStates(lm).train(), cfg)

@@ -147,12 +147,12 @@ def test_rules_reading_the_initial_student_see_it_and_not_the_current_one(tiny_m
 
 def test_reference_scenarios_change_what_the_records_carry():
     from handrail.tasks import get_task
-    from handrail.train import _records
+    from handrail.train import task_and_records
 
     task = get_task("chain")
-    full = _records(TrainConfig(model="m", train_n=5, eval_n=0))[1]
-    terse = _records(TrainConfig(model="m", train_n=5, eval_n=0, reference="terse"))[1]
-    answer = _records(TrainConfig(model="m", train_n=5, eval_n=0, reference="answer"))[1]
+    full = task_and_records(TrainConfig(model="m", train_n=5, eval_n=0))[1]
+    terse = task_and_records(TrainConfig(model="m", train_n=5, eval_n=0, reference="terse"))[1]
+    answer = task_and_records(TrainConfig(model="m", train_n=5, eval_n=0, reference="answer"))[1]
     assert [r.prompt for r in full] == [r.prompt for r in terse] == [r.prompt for r in answer]
     assert all(len(t.solution.splitlines()) < len(f.solution.splitlines()) for f, t in zip(full, terse))
     assert all(task.verify(t.solution, f.answer) for f, t in zip(full, terse))
