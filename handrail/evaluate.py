@@ -115,17 +115,37 @@ class _Fit:
         n = self.longest(rec) if n is None else n
         if n <= self.limit:
             return rec
-        if self.truncate == "left" and isinstance(rec.prompt, str):
-            text_ids = self.tokenizer(rec.prompt, add_special_tokens=False)["input_ids"]
-            keep = len(text_ids) - (n - self.limit)
-            if keep > 0:
-                rec = replace(rec, prompt=self.tokenizer.decode(text_ids[-keep:]))
-                n = self.longest(rec)
+        for _ in range(3 if self.truncate == "left" else 0):  # a chat template's count is not additive: re-measure
+            cut = self._cut_left(rec, n - self.limit)
+            if cut is None:
+                break
+            rec, n = cut, self.longest(cut)
+            if n <= self.limit:
+                break
         if n > self.limit:
             raise DataError(f"{rec.source}: field 'prompt': {n} tokens with its template, more than the "
                             f"{self.limit} the model's positions leave beside the completion; shorten it"
                             + ("" if self.truncate == "left" else ", or truncate it from the left (train: truncate=left; eval: --truncate left)"))
         return rec
+
+    def _cut_left(self, rec: Record, excess: int) -> Record | None:
+        """`rec` with `excess` tokens dropped from the start of its text: a plain prompt's beginning,
+        or a conversation's earliest turns (a turn emptied is dropped; the last user turn, which
+        the template wraps, is kept whole). None if there is nothing left to drop."""
+        def cut(text: str, k: int) -> tuple[str, int]:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.tokenizer.decode(ids[min(k, len(ids)):]), min(k, len(ids))
+
+        if isinstance(rec.prompt, str):
+            text, dropped = cut(rec.prompt, excess)
+            return replace(rec, prompt=text) if dropped and text else None
+        earlier, dropped = [], 0
+        for m in rec.prompt[:-1]:
+            text, k = cut(m["content"], excess - dropped) if dropped < excess else (m["content"], 0)
+            dropped += k
+            if text:
+                earlier.append({**m, "content": text})
+        return replace(rec, prompt=earlier + list(rec.prompt[-1:])) if dropped else None
 
     def overhead(self) -> int:
         """Bytes the templates add around a record's own text (tokens <= bytes for byte-level and

@@ -161,3 +161,25 @@ def test_bootstrap_with_guided_samples_runs_on_a_real_model(tiny_model, tmp_path
 def test_bootstrap_must_leave_budget_for_training(tiny_model):
     with pytest.raises(ValueError, match="bootstrap_rollouts': 64 leaves nothing"):
         build(TrainConfig, overrides=dict(model=tiny_model, bootstrap_k=2, bootstrap_rollouts=64, rollouts=64))
+
+
+def test_a_long_conversation_is_cut_from_its_earliest_turns_when_asked(tiny_model):
+    from handrail.data import Record
+    from handrail.evaluate import PromptIds, fit_records
+    from handrail.models import load_model
+
+    _, tok, templates = load_model(tiny_model)
+    long = Record(prompt=[{"role": "user", "content": "12+3+4+5+6+7+8+9"},
+                          {"role": "assistant", "content": "12+3=15\n" * 20 + "#### 99"},
+                          {"role": "user", "content": "99 is not right. Check each step."}],
+                  solution="#### 54", source="c.jsonl:1 (turn 3)", completion="#### 54")
+    n = len(PromptIds(tok, templates)([long], "solution")[0])
+    limit = n - 50
+    with pytest.raises(DataError, match=r"c.jsonl:1 \(turn 3\): field 'prompt'.*truncate=left"):
+        fit_records(tok, [long], templates, limit, "error")
+    cut = fit_records(tok, [long], templates, limit, "left")[0]
+    ids = PromptIds(tok, templates)
+    assert max(len(ids([cut], h)[0]) for h in ("none", "solution")) <= limit
+    assert cut.prompt[-1] == long.prompt[-1]  # the turn the template wraps is whole
+    assert cut.prompt[-2]["content"].endswith("#### 99")  # the attempt's end is kept, its start cut
+    assert len(cut.prompt[-2]["content"]) < len(long.prompt[1]["content"])
