@@ -20,14 +20,27 @@ caller keeps the transformers path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.nn.functional as F
 
-# HANDRAIL_LEAN_DECODE=0 runs every model by its own forward, for sampling and passes without
-# gradient alike (the lean paths' escape hatch; tests and benchmarks flip LEAN to compare)
+# Whether sampling and passes without gradient use this decoder where `supported` allows: the
+# training option `lean_decoder` (set for the run by `lean()`), or for other commands
+# HANDRAIL_LEAN_DECODE=0 (the escape hatch: every model by its own forward)
 LEAN = os.environ.get("HANDRAIL_LEAN_DECODE", "1") != "0"
+
+
+@contextlib.contextmanager
+def lean(on: bool):
+    """LEAN set to `on` inside the block, restored after it."""
+    global LEAN
+    before, LEAN = LEAN, on
+    try:
+        yield
+    finally:
+        LEAN = before
 
 _ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
 

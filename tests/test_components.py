@@ -169,3 +169,21 @@ def test_single_process_optimizer_state_round_trips(tiny_model, tmp_path):
     assert run.parallel.name == again.name == "single"
     a, b = run.parallel.opt.state_dict()["state"], again.opt.state_dict()["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
+
+
+def test_lean_decoder_false_runs_the_models_own_forward_for_that_run_only(tiny_model, tmp_path, monkeypatch):
+    from handrail import decoder, rollout
+    from handrail.train import train
+
+    def refused(*a, **k):
+        raise AssertionError("the lean decoder ran")
+
+    monkeypatch.setattr(decoder, "hidden_states", refused)
+    monkeypatch.setattr(rollout, "LeanDecoder", refused)
+    assert decoder.LEAN
+    cfg = TrainConfig(model=tiny_model, out=str(tmp_path / "r"), prompts_per_step=4, max_new_tokens=16, train_n=32,
+                      level=2, eval_n=4, rollouts=8, lean_decoder=False)
+    assert train(cfg, log=lambda *_: None)["step"] == 2
+    assert decoder.LEAN  # restored for whatever runs next in the process
+    with pytest.raises(AssertionError, match="lean decoder ran"):
+        train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "s"), "lean_decoder": True}), log=lambda *_: None)
