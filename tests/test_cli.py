@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,11 +20,14 @@ def handrail(*args, check=True):
 
 def test_pretrain_then_eval_json(tmp_path):
     out = tmp_path / "m"
+    t0 = time.time()
     p = handrail("pretrain", "--task", "sum", "--out", str(out), "max_steps=10", "d_model=32",
                  "n_layers=1", "n_problems=200", "eval_n=8")
+    took = time.time() - t0
     assert "student pass@1" in p.stdout and "teacher pass@1" in p.stdout
-    # no terminal: the bar writes a line now and then (here: its start and end), not a redraw per step
-    assert 1 <= p.stderr.count("pretrain:") <= 3, p.stderr
+    # no terminal: the bar writes a whole line now and then (its start, its end, and one in 20-30 s
+    # on a machine slow enough), not a redraw per step
+    assert 1 <= p.stderr.count("pretrain:") <= 3 + took / 20 and "\r" not in p.stderr, p.stderr
     assert (out / "config.json").exists() and (out / "handrail.json").exists()
     # a 10-step model is far from the lab's band: the build says so, and what to change
     result = json.loads((out / "pretrain_result.json").read_text())
