@@ -143,14 +143,12 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
     return built
 
 
-def curve(run: Path, per_step: int, score: str = "strict") -> list[dict]:
+def curve(run: Path, score: str = "strict") -> list[dict]:
     """A run's evaluations; "pass@1" is the `score` the comparison is judged by (strict or
     lenient: answers.py), "pass@1_other" the other one."""
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     keys = ("eval/pass@1", "eval/pass@1_lenient")[::1 if score == "strict" else -1]
-    # each row carries what the run has spent (budget.py); rows written before it did are counted
-    # the same way here
-    return [{"samples": r.get("samples", max(r.get("rollouts", 0), r["step"] * per_step + r.get("bootstrap_rollouts", 0))),
+    return [{"samples": r["samples"],  # what the run had spent (budget.py), bootstrap and SFT's examples included
              "seconds": r["seconds"],
              "pass@1": r[keys[0]], "pass@1_other": r.get(keys[1]), "leak_rate": r["eval/leak_rate"],
              "tokens_per_solved": r.get("eval/tokens_per_solved")} for r in rows if "eval/pass@1" in r]
@@ -199,7 +197,7 @@ def _compare(cfg: CompareConfig, out: Path, log) -> dict:
     for scenario in scenarios:
         results = {}
         for spec in cfg.methods.split(","):
-            runs = [{"seed": seed, "curve": curve(todo[scenario, spec, seed], cfg.samples_per_step, cfg.score),
+            runs = [{"seed": seed, "curve": curve(todo[scenario, spec, seed], cfg.score),
                      "seconds": summaries[scenario, spec, seed]["seconds"],
                      "rollouts": summaries[scenario, spec, seed]["rollouts"]} for seed in range(cfg.seeds)]
             results[spec] = {"runs": runs, "mean": mean_curve([r["curve"] for r in runs])}
@@ -240,7 +238,7 @@ def _sweep(cfg: CompareConfig, out: Path, scenarios: list[str], specs: list[str]
     for scenario in scenarios:
         for spec in specs:
             scores = {v: None if any("error" in summaries[scenario, spec, v, s] for s in range(cfg.sweep_seeds)) else
-                      statistics.mean(curve(Path(runs[scenario, spec, v, s].out), cfg.samples_per_step, cfg.score)[-1]["pass@1"]
+                      statistics.mean(curve(Path(runs[scenario, spec, v, s].out), cfg.score)[-1]["pass@1"]
                                       for s in range(cfg.sweep_seeds)) for v in values}
             if all(score is None for score in scores.values()):
                 raise UsageError(f"sweep: every {key} failed for {spec} in scenario {scenario}: "

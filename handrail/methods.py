@@ -128,7 +128,7 @@ class Method:
 
     @classmethod
     def check(cls, cfg) -> None:
-        """Rules this method puts on the training config (ValueError naming the key)."""
+        """Rules this method puts on the training config (UsageError naming the key)."""
         if cls.grouped and cfg.samples_per_prompt < 2:
             raise UsageError(f"config key 'samples_per_prompt': {cfg.method} compares completions within a group, "
                              f"so it needs at least 2 per prompt, got {cfg.samples_per_prompt}")
