@@ -24,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SETTINGS = {
-    "default": [],
+    "default": [],  # counterfactual=auto: on when the teacher states answers first (train.resolve_counterfactual)
     "cf": ["counterfactual=shuffled"],
+    "off": ["counterfactual=none"],  # the default before auto
 }
 TRAIN = ["--rollouts", "128", "lora_r=16", "max_new_tokens=64", "eval_n=0", "checkpoint_every=0"]
 THREADS = "1"  # per process (--threads)

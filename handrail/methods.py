@@ -135,7 +135,7 @@ class Method:
         if cfg.rollout in ("guided", "logged") and not cls.distils:
             raise UsageError(f"config key 'rollout': {cfg.rollout} rollouts need method self-distill "
                              f"(they need a teacher)")
-        if cfg.counterfactual != "none" and not cls.distils:
+        if cfg.counterfactual == "shuffled" and not cls.distils:
             raise UsageError(f"config key 'counterfactual': a counterfactual teacher shapes self-distillation's "
                              f"target (method self-distill or srpo), not {cfg.method}'s")
 
@@ -223,7 +223,7 @@ class SelfDistill(Method):
         # student read (targets.NEEDS_INITIAL), and the reference where the gate silences the
         # teacher with after_gate=anchor
         self.initial = None
-        if (self.rule.needs_initial or cfg.counterfactual != "none"
+        if (self.rule.needs_initial or cfg.counterfactual == "shuffled"
                 or (cfg.gate != "none" and cfg.after_gate == "anchor")):
             self.initial = self.teacher if cfg.teacher == "frozen" else _frozen_copy(initial_lm)
 
@@ -267,7 +267,7 @@ class SelfDistill(Method):
         if self.initial is not None:
             initial = (completion_hidden(HiddenStates(self.initial), rollout.prompt_ids, rollout,
                                          self.tokenizer.pad_token_id), self.initial.get_output_embeddings())
-        if self.cfg.counterfactual != "none":
+        if self.cfg.counterfactual == "shuffled":
             counter = (completion_hidden(HiddenStates(teacher), self.counterfactual_prompts(records), rollout,
                                          self.tokenizer.pad_token_id), head_T)
         if self.cfg.gate != "none" and self.cfg.after_gate == "anchor":

@@ -215,15 +215,19 @@ def probe(cfg, n: int = 64, html_attempts: int = 0, log=print) -> dict:
     student_ids, teacher_ids = prompt_ids(tok, records, tpl), prompt_ids(tok, records, tpl, hint=cfg.hint)
     attempts = sample(model, tok, student_ids, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids(tok),
                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    counterfactual = cfg.counterfactual
+    if counterfactual == "auto":  # as training resolves it (train.resolve_counterfactual), on these records
+        leak_t, leak_s = report["teacher"]["leak"], report["student"]["leak"]
+        counterfactual = "shuffled" if leak_t > leak_s + _margin(leak_t, leak_s, len(records)) else "none"
     counter_ids = None
-    if cfg.counterfactual != "none":  # the next record's reference, as training takes the next in its batch
+    if counterfactual != "none":  # the next record's reference, as training takes the next in its batch
         wrong = [replace(r, solution=hint_for(records[(i + 1) % len(records)], cfg.hint)) for i, r in enumerate(records)]
         counter_ids = prompt_ids(tok, wrong, tpl, hint="solution")
     report["aggregate"], shown = aggregate_stats(
         model, tok, student_ids, teacher_ids, attempts, cfg.aggregation_rule(), cfg.gate, cfg.gate_prob,
         cfg.intervene_kl, keep=html_attempts, counter_ids=counter_ids)
     report["aggregate"].update(rule=cfg.rule, gate=cfg.gate, gate_prob=cfg.gate_prob, intervene_kl=cfg.intervene_kl,
-                               counterfactual=cfg.counterfactual)
+                               counterfactual=counterfactual)
     if task is not None and hasattr(task, "detour"):
         report["slip"] = slip_continuation(model, tok, tpl, task, records, cfg.seed)
     report["verdict"], report["reason"] = verdict(report)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -87,7 +88,7 @@ class TrainConfig:
     tau: float = 0.1  # considered: the initial student's probability above which the teacher may promote a token
     lam_max: float = 1.0  # trust-region rule: upper end of the lambda search
     support_top_p: float = 0.9  # support rule: the student's nucleus
-    counterfactual: str = "none"  # self-distill: none | shuffled: the teacher counts only beyond what another problem's reference also makes it say (targets.counterfactual; one more teacher pass and the initial model's)
+    counterfactual: str = "auto"  # self-distill: none | shuffled: the teacher counts only beyond what another problem's reference also makes it say (targets.counterfactual; one more teacher pass and the initial model's) | auto: shuffled if, before training, the teacher shown the reference states the answer before the work more often than the student does (resolve_counterfactual), else none
     teacher_topk: int = 0  # self-distill: 0 = the teacher's full distribution; K = its K most likely tokens plus a tail bucket (what a served teacher sends)
     intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
     gate: str = "divergence"  # none | divergence: silence the teacher after the student leaves its path | point: only where it leaves
@@ -161,7 +162,7 @@ class TrainConfig:
     }
     CHOICES = {
         "method": lambda: _registry("methods", "METHODS"), "rule": lambda: _registry("targets", "RULES"),
-        "teacher": ("frozen", "live", "ema"), "counterfactual": ("none", "shuffled"), "gate": ("none", "divergence", "point"), "after_gate": ("free", "anchor"),
+        "teacher": ("frozen", "live", "ema"), "counterfactual": ("none", "shuffled", "auto"), "gate": ("none", "divergence", "point"), "after_gate": ("free", "anchor"),
         "rollout": ("student", "guided", "logged"), "bootstrap_rollout": ("student", "guided"),
         "grpo_loss": ("dapo", "grpo", "dr_grpo"), "hint": ("solution", "answer", "blank"), "reference": ("full", "terse", "answer"),
         "mixed_precision": ("no", "bf16", "fp16"), "truncate": ("error", "left"),
@@ -212,7 +213,7 @@ class TrainConfig:
                                  "records of its own (never the test file)")
         if not self.step_delimiter:
             raise UsageError("config key 'step_delimiter': must not be empty")
-        if self.counterfactual != "none":
+        if self.counterfactual == "shuffled":
             if self.prompts_per_step < 2:
                 raise UsageError("config key 'counterfactual': the wrong reference is another problem's in the same "
                                  "step, so prompts_per_step must be at least 2")
@@ -358,6 +359,9 @@ def _train(cfg: TrainConfig, resume: bool, log, held: contextlib.ExitStack) -> d
     hints = ("none", cfg.hint) if METHODS[cfg.method].privileged else ("none",)
     prompts = PromptIds(tokenizer, templates)  # each record tokenized once, here, for the whole run
     train_recs = fit_records(tokenizer, train_recs, templates, limit, cfg.truncate, hints, prompts)
+    if cfg.counterfactual == "auto":  # resolved once, so config.json (and --resume) says what ran
+        cfg = replace(cfg, counterfactual=resolve_counterfactual(cfg, initial, tokenizer, templates, train_recs,
+                                                                 check, log))
     eval_recs = fit_records(tokenizer, eval_recs, templates, limit, cfg.truncate, ("none",))
     curriculum_recs = fit_records(tokenizer, curriculum_recs, templates, limit, cfg.truncate, ("none",))
     lm, initial, meta = _policy_model(cfg, initial, model, copy_initial=ckpt is not None)
@@ -550,6 +554,39 @@ def _bootstrap_stage(cfg, acc, out: Path, state: State, lm, tokenizer, templates
                          "or bootstrap_k, or set bootstrap_k=0 to show the teacher the bare answer "
                          "(which can teach the student to guess)")
     return solved
+
+
+AUTO_CHECK = 32  # records the counterfactual=auto check reads: enough to tell 50% from 0% (probe._margin)
+
+
+def resolve_counterfactual(cfg: TrainConfig, model, tokenizer, templates, records, check, log) -> str:
+    """`counterfactual=auto`: "shuffled" if the teacher, shown the reference, states the answer
+    before the work (answers.stated_before_work) more often than the student does, beyond chance,
+    on the first AUTO_CHECK training records, greedy; else "none". A teacher that does is one whose
+    target teaches guessing (BENCHMARKS.md §P: a pretrained instruct model learnt to state answers
+    first in 8 steps); a teacher that works from the reference keeps its target, and its one
+    teacher pass a step. Greedy and in a forked RNG: the run samples what it would have sampled."""
+    from handrail.methods import METHODS
+    from handrail.probe import _margin
+
+    if not METHODS[cfg.method].distils or cfg.prompts_per_step < 2:
+        return "none"  # nothing to shape, or no other problem in a step to take a wrong reference from
+    # answer-only records are bootstrapped into worked ones before the teacher sees them (bootstrap_k)
+    bootstrapped = cfg.hint == "solution" and cfg.bootstrap_k > 0
+    recs = list(itertools.islice((r for r in records if r.completion is None and reference_answer(r) is not None
+                                  and (r.solution or not bootstrapped)), AUTO_CHECK))  # a file's first few only
+    if len({r.text for r in recs}) < 2:
+        return "none"
+    with torch.random.fork_rng(devices=[]):
+        kw = dict(task=check, samples=0, max_new_tokens=cfg.max_new_tokens)
+        student = evaluate(model, tokenizer, templates, recs, hint="none", **kw)["leak_rate"]
+        teacher = evaluate(model, tokenizer, templates, recs, hint=cfg.hint, **kw)["leak_rate"]
+    on = teacher > student + _margin(teacher, student, len(recs))
+    log(f"counterfactual=auto: shown the reference the teacher states the answer before the work in "
+        f"{teacher:.0%} of {len(recs)} greedy attempts, the student alone in {student:.0%}: "
+        + ("counterfactual=shuffled (only what the right reference adds over another problem's is distilled)"
+           if on else "counterfactual=none"))
+    return "shuffled" if on else "none"
 
 
 def _resolve_logged(cfg: TrainConfig, records, log) -> None:

@@ -538,3 +538,40 @@ def test_guided_rollouts_for_the_first_part_of_training_only(tiny_model):
     assert method.guide(recs, lm, 0.25) is None and method.guide(recs, lm, 0.9) is None
     plain = METHODS["self-distill"](TrainConfig(model=tiny_model), lm, tok, tpl, get_task("chain"))
     assert plain.guide(recs, lm, 0.0) is None
+
+
+def test_counterfactual_auto_turns_on_only_for_a_teacher_that_states_the_answer_first(tiny_model, monkeypatch):
+    """The default `counterfactual=auto` reads the teacher's and the student's leak rates (greedy,
+    on training records) and turns the counterfactual teacher on only when the teacher's is higher
+    beyond chance; methods with no teacher target, or one problem a step, never get it."""
+    import handrail.train as T
+    from handrail.data import records_from_task
+    from handrail.tasks import get_task
+
+    recs = records_from_task(get_task("chain").split("train", 32, 2, seed=0))
+    leaks = {}
+    monkeypatch.setattr(T, "evaluate", lambda m, tok, tpl, rs, hint, **kw: {"leak_rate": leaks[hint]})
+    said = []
+    conf = TrainConfig(model=tiny_model)
+    for student, teacher, expected in ((0.0, 0.5, "shuffled"), (0.0, 0.03, "none"), (0.4, 0.5, "none"),
+                                       (0.1, 0.1, "none")):
+        leaks.update(none=student, solution=teacher)
+        assert T.resolve_counterfactual(conf, None, None, None, recs, None, said.append) == expected
+    assert "50% of 32" in said[0] and said[0].endswith("(only what the right reference adds over another problem's is distilled)")
+    leaks.update(none=0.0, solution=1.0)
+    for other in (dict(method="sft"), dict(method="grpo"), dict(prompts_per_step=1)):
+        assert T.resolve_counterfactual(TrainConfig(model=tiny_model, **other), None, None, None, recs, None,
+                                        said.append) == "none"
+    assert T.resolve_counterfactual(conf, None, None, None, recs[:1] * 5, None, said.append) == "none"
+
+
+def test_counterfactual_auto_leaves_a_run_it_turns_off_unchanged_to_the_bit(tiny_model, tmp_path):
+    """The check samples greedily in a forked RNG, so a run where auto resolves to none trains the
+    same weights as counterfactual=none; config.json records what ran, not 'auto'."""
+    said = []
+    train(cfg(tiny_model, tmp_path / "auto", rollouts=16, eval_n=0), log=said.append)
+    train(cfg(tiny_model, tmp_path / "none", rollouts=16, eval_n=0, counterfactual="none"), log=lambda *_: None)
+    assert any(line.startswith("counterfactual=auto: ") and line.endswith("counterfactual=none") for line in said)
+    assert json.load(open(tmp_path / "auto" / "config.json"))["counterfactual"] == "none"
+    a, b = weights(tmp_path / "auto" / "model"), weights(tmp_path / "none" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
