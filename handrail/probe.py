@@ -49,6 +49,13 @@ def _margin(p: float, q: float, n: int) -> float:
     return max(0.05, 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / max(n, 1)))
 
 
+def states_answers_first(leak_teacher: float, leak_student: float, n: int) -> bool:
+    """The teacher, shown the reference, states the answer before the work more often than the
+    student alone, beyond chance on n records: the probe's `copies` by leak, and what
+    counterfactual=auto turns the counterfactual teacher on for (train.resolve_counterfactual)."""
+    return leak_teacher > leak_student + _margin(leak_teacher, leak_student, n)
+
+
 def _remedy(r: dict) -> str:
     """What to do about a copying teacher, given whether the probe's config already does it."""
     if r["aggregate"].get("counterfactual", "none") != "none":
@@ -76,7 +83,7 @@ def verdict(r: dict) -> tuple[str, str]:
                           f"({slip['copies_reference']:.0%}) more often than continuing from the slip "
                           f"({slip['consistent']:.0%}): its target would hand over the reference's numbers" + _remedy(r))
     leak_t, leak_s = r["teacher"]["leak"], r["student"]["leak"]
-    if leak_t > leak_s + _margin(leak_t, leak_s, n):
+    if states_answers_first(leak_t, leak_s, n):
         return "copies", (f"shown the reference the teacher states the answer before the work in {leak_t:.0%} of "
                           f"attempts (the student alone: {leak_s:.0%}): a target from it teaches guessing" + _remedy(r))
     if r["aggregate"]["gated"] > 0.8:
@@ -217,8 +224,8 @@ def probe(cfg, n: int = 64, html_attempts: int = 0, log=print) -> dict:
                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     counterfactual = cfg.counterfactual
     if counterfactual == "auto":  # as training resolves it (train.resolve_counterfactual), on these records
-        leak_t, leak_s = report["teacher"]["leak"], report["student"]["leak"]
-        counterfactual = "shuffled" if leak_t > leak_s + _margin(leak_t, leak_s, len(records)) else "none"
+        on = states_answers_first(report["teacher"]["leak"], report["student"]["leak"], len(records))
+        counterfactual = "shuffled" if on else "none"
     counter_ids = None
     if counterfactual != "none":  # the next record's reference, as training takes the next in its batch
         wrong = [replace(r, solution=hint_for(records[(i + 1) % len(records)], cfg.hint)) for i, r in enumerate(records)]

@@ -76,20 +76,24 @@ def trust_region(logp_S: torch.Tensor, logp_T: torch.Tensor, logp_0=None, delta:
     def target(lam):
         return F.log_softmax(S + lam * (T - S), -1)
 
-    lam = torch.full(S.shape[:-1] + (1,), lam_max, device=S.device)
+    q = target(torch.full(S.shape[:-1] + (1,), lam_max, device=S.device))
     # the search runs only where the teacher is more than delta away: usually a few positions, and
     # each iteration costs a pass over the vocabulary (a 49k-token one: most of a step otherwise)
-    far = (kl(target(lam), S) > delta).reshape(-1).nonzero().squeeze(-1)
-    if far.numel():
-        V = S.shape[-1]
-        S_far, T_far = S.reshape(-1, V)[far], T.reshape(-1, V)[far]
-        lo, hi = torch.zeros(far.numel(), 1, device=S.device), torch.full((far.numel(), 1), lam_max, device=S.device)
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            ok = (kl(F.log_softmax(S_far + mid * (T_far - S_far), -1), S_far) <= delta)[..., None]
-            lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-        lam = lam.reshape(-1, 1).index_copy(0, far, lo).reshape(lam.shape)
-    return target(lam)
+    far = (kl(q, S) > delta).reshape(-1).nonzero().squeeze(-1)
+    if not far.numel():
+        return q
+    V = S.shape[-1]
+    S_far, T_far = S.reshape(-1, V)[far], T.reshape(-1, V)[far]
+
+    def target_far(lam):
+        return F.log_softmax(S_far + lam * (T_far - S_far), -1)
+
+    lo, hi = torch.zeros(far.numel(), 1, device=S.device), torch.full((far.numel(), 1), lam_max, device=S.device)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        ok = (kl(target_far(mid), S_far) <= delta)[..., None]
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return q.reshape(-1, V).index_copy(0, far, target_far(lo)).reshape(q.shape)
 
 
 def nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -556,7 +556,7 @@ def _bootstrap_stage(cfg, acc, out: Path, state: State, lm, tokenizer, templates
     return solved
 
 
-AUTO_CHECK = 32  # records the counterfactual=auto check reads: enough to tell 50% from 0% (probe._margin)
+AUTO_CHECK = 32  # records the counterfactual=auto check reads: enough to tell 50% from 0% (probe.states_answers_first)
 
 
 def resolve_counterfactual(cfg: TrainConfig, model, tokenizer, templates, records, check, log) -> str:
@@ -567,7 +567,7 @@ def resolve_counterfactual(cfg: TrainConfig, model, tokenizer, templates, record
     first in 8 steps); a teacher that works from the reference keeps its target, and its one
     teacher pass a step. Greedy and in a forked RNG: the run samples what it would have sampled."""
     from handrail.methods import METHODS
-    from handrail.probe import _margin
+    from handrail.probe import states_answers_first
 
     if not METHODS[cfg.method].distils or cfg.prompts_per_step < 2:
         return "none"  # nothing to shape, or no other problem in a step to take a wrong reference from
@@ -581,7 +581,7 @@ def resolve_counterfactual(cfg: TrainConfig, model, tokenizer, templates, record
         kw = dict(task=check, samples=0, max_new_tokens=cfg.max_new_tokens)
         student = evaluate(model, tokenizer, templates, recs, hint="none", **kw)["leak_rate"]
         teacher = evaluate(model, tokenizer, templates, recs, hint=cfg.hint, **kw)["leak_rate"]
-    on = teacher > student + _margin(teacher, student, len(recs))
+    on = states_answers_first(teacher, student, len(recs))
     log(f"counterfactual=auto: shown the reference the teacher states the answer before the work in "
         f"{teacher:.0%} of {len(recs)} greedy attempts, the student alone in {student:.0%}: "
         + ("counterfactual=shuffled (only what the right reference adds over another problem's is distilled)"
