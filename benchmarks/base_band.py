@@ -30,7 +30,7 @@ import json, sys, torch
 sys.path.insert(0, {bench!r})
 from handrail.evaluate import evaluate
 from handrail.models import load_model
-from handrail.run import eval_records
+from handrail.sources import eval_records
 from teacher_probe import probe
 out = {out!r}
 res = json.load(open(out + "/pretrain_result.json"))

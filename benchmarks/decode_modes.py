@@ -22,7 +22,7 @@ from handrail.decoder import LeanDecoder, supported
 from handrail.evaluate import prompt_ids
 from handrail.models import load_model
 from handrail.rollout import left_pad
-from handrail.run import default_base_model, eval_records
+from handrail.sources import default_base_model, eval_records
 
 
 def main():

@@ -22,7 +22,7 @@ from handrail.data import records_from_task
 from handrail.evaluate import prompt_ids
 from handrail.models import load_model, stop_ids
 from handrail.rollout import sample
-from handrail.run import default_base_model
+from handrail.sources import default_base_model
 from handrail.tasks import get_task
 from handrail.train import TrainConfig, train
 

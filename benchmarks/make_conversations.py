@@ -30,7 +30,7 @@ from handrail.data import reference_answer
 from handrail.evaluate import is_correct, prompt_ids
 from handrail.models import load_model, stop_ids
 from handrail.rollout import sample
-from handrail.run import eval_records
+from handrail.sources import eval_records
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ def main() -> None:
     import torch
 
     from handrail.models import load_model
-    from handrail.run import environment, eval_records
+    from handrail.sources import environment, eval_records
     from handrail.search import SearchConfig, search
 
     torch.set_num_threads(a.threads)

@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from handrail.run import default_base_model
+from handrail.sources import default_base_model
 from handrail.train import TrainConfig, train
 
 

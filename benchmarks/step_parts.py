@@ -32,7 +32,7 @@ from handrail.evaluate import PromptIds
 from handrail.methods import METHODS, World
 from handrail.models import HiddenStates, load_model, stop_ids
 from handrail.rollout import sample
-from handrail.run import default_base_model
+from handrail.sources import default_base_model
 from handrail.train import TrainConfig, task_and_records
 
 

@@ -25,7 +25,7 @@ import torch
 import handrail.train as T
 from handrail.cpu import keep_freed_memory
 from handrail.methods import METHODS
-from handrail.run import default_base_model
+from handrail.sources import default_base_model
 
 
 def main():

@@ -18,7 +18,7 @@ from pathlib import Path
 from handrail.data import teacher_prompt
 from handrail.models import load_model, stop_ids
 from handrail.rollout import sample
-from handrail.run import eval_records
+from handrail.sources import eval_records
 
 
 def probe(model_path: str, n: int = 200, seed: int = 0) -> dict:

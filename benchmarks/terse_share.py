@@ -19,7 +19,7 @@ def main():
     from handrail.evaluate import prompt_ids
     from handrail.models import load_model, stop_ids
     from handrail.rollout import sample
-    from handrail.run import eval_records
+    from handrail.sources import eval_records
 
     torch.set_num_threads(1)
     task, recs = eval_records(None, None, None, a.n)

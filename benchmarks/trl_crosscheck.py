@@ -43,7 +43,7 @@ import torch
 from handrail.data import student_prompt, teacher_prompt
 from handrail.evaluate import evaluate, is_correct
 from handrail.models import load_model
-from handrail.run import default_base_model, environment
+from handrail.sources import default_base_model, environment
 from handrail.train import TrainConfig, task_and_records, train
 
 

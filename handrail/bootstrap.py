@@ -21,7 +21,7 @@ from handrail.datafile import facts
 from handrail.evaluate import is_correct, is_leak, prompt_ids
 from handrail.models import stop_ids
 from handrail.rollout import Guide, sample
-from handrail.run import progress
+from handrail.folders import progress
 
 FILE = "bootstrap.jsonl"  # in the run folder: the solutions kept, one record per line
 

@@ -20,7 +20,7 @@ import torch
 
 from handrail.errors import UsageError
 from handrail.models import first_line, load_model, nonfinite_weight, save_model
-from handrail.run import writing
+from handrail.folders import writing
 
 
 @dataclass

@@ -47,7 +47,7 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 def cmd_pretrain(a) -> int:
     from handrail.pretrain import PretrainConfig, pretrain
-    from handrail.run import check_out
+    from handrail.folders import check_out
 
     cfg = C.build(PretrainConfig, a.config, a.overrides, out=a.out, task=a.task, data=a.data, seed=a.seed)
     check_out(cfg.out)
@@ -57,7 +57,7 @@ def cmd_pretrain(a) -> int:
 
 def _problems(a):
     """(task, records) for eval and search, with errors naming their flags, not config keys."""
-    from handrail.run import eval_records
+    from handrail.sources import eval_records
 
     try:
         return eval_records(a.task, a.data, a.level, a.n, a.fields, a.verifier)
@@ -69,7 +69,7 @@ def _problems(a):
 def cmd_eval(a) -> int:
     from handrail.evaluate import evaluate, fit_records, prompt_limit
     from handrail.models import load_model
-    from handrail.run import model_folder
+    from handrail.sources import model_folder
     if a.temperature < 0:
         raise C.ConfigError(f"--temperature: {a.temperature} is out of range (>= 0)")
     if a.overrides or a.config:  # eval has flags only: refuse what it would otherwise ignore
@@ -128,8 +128,8 @@ def cmd_probe(a) -> int:
 def cmd_search(a) -> int:
     from handrail.evaluate import fit_records, prompt_limit
     from handrail.models import load_model
-    from handrail.run import model_folder
-    from handrail.run import progress
+    from handrail.sources import model_folder
+    from handrail.folders import progress
     from handrail.search import SearchConfig, search, value_mode
 
     if a.overrides or a.config:
@@ -167,7 +167,7 @@ def cmd_search(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from handrail.run import check_out
+    from handrail.folders import check_out
     from handrail.train import TrainConfig, train
 
     flags = {k: getattr(a, k) for k in ("model", "task", "data", "method", "rule", "teacher",
@@ -190,7 +190,8 @@ def cmd_train(a) -> int:
 
 def cmd_compare(a) -> int:
     from handrail.compare import CompareConfig, compare
-    from handrail.run import check_out, default_base_model
+    from handrail.sources import default_base_model
+    from handrail.folders import check_out
     from handrail.tasks import DEFAULT_TASK
 
     if not a.model and (a.data or a.task not in (None, DEFAULT_TASK)):
@@ -208,7 +209,8 @@ def cmd_compare(a) -> int:
 
 def cmd_demo(a) -> int:
     from handrail.compare import CompareConfig, compare
-    from handrail.run import check_out, default_base_model
+    from handrail.sources import default_base_model
+    from handrail.folders import check_out
 
     out = a.out or _free_dir("runs/demo-quick" if a.quick else "runs/demo")
     check_out(out)
@@ -232,9 +234,9 @@ def cmd_decode(a) -> int:
     from handrail.data import Record
     from handrail.evaluate import prompt_ids
     from handrail.models import load_model, stop_ids
-    from handrail.run import model_folder
+    from handrail.sources import model_folder
     from handrail.rollout import Guide, sample
-    from handrail.run import eval_records
+    from handrail.sources import eval_records
     from handrail.targets import NEEDS_INITIAL, RULES, make_rule
 
     usable = [r for r in RULES if r not in NEEDS_INITIAL]
@@ -399,7 +401,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from handrail.run import WriteError
+    from handrail.folders import WriteError
     from handrail.train import NonFinite
 
     a = parse(argv)

@@ -23,7 +23,7 @@ from handrail.errors import UsageError
 from handrail import config as C
 from handrail.models import first_line
 from handrail.train import TrainConfig, train
-from handrail.run import FolderLock, progress, writing
+from handrail.folders import FolderLock, progress, writing
 
 
 @dataclass
@@ -180,7 +180,7 @@ def compare(cfg: CompareConfig, log=print) -> dict:
 
 
 def _compare(cfg: CompareConfig, out: Path, log) -> dict:
-    from handrail.run import environment
+    from handrail.sources import environment
 
     C.save(cfg, out / "compare_config.json")
     (out / "environment.json").write_text(json.dumps(environment(cfg.model), indent=2) + "\n")

@@ -77,7 +77,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         path = smollm2_folder()
     elif spec == "default":  # building it takes minutes: commands resolve it first (run.model_folder)
         raise ModelError("model default: the embedded base is resolved by the commands; in code, pass "
-                         "handrail.run.model_folder('default')")
+                         "handrail.sources.model_folder('default')")
     if path.suffix == ".gguf":
         if not path.exists():
             raise ModelError(f"model {spec}: no such file")

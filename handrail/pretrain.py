@@ -41,7 +41,7 @@ from handrail.models import build_char_tokenizer, build_tiny_model, save_model
 from handrail.answers import ANSWER_MARK
 from handrail.tasks import DEFAULT_TASK, get_task
 from handrail.verifiers import FileTask
-from handrail.run import FolderLock, progress, writing
+from handrail.folders import FolderLock, progress, writing
 
 
 @dataclass

@@ -198,7 +198,7 @@ def probe(cfg, n: int = 64, html_attempts: int = 0, log=print) -> dict:
     hint=answer only the answer), aggregation rule and gate (a TrainConfig: what training would
     use). Returns the figures, the verdict and, with `html_attempts`, that many attempts token
     by token."""
-    from handrail.run import eval_records, model_folder
+    from handrail.sources import eval_records, model_folder
 
     t0 = time.time()
     if cfg.threads:

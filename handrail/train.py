@@ -56,7 +56,8 @@ from handrail.rollout import sample
 from handrail.steps import delimiter_table, step_ends
 from handrail.tasks import DEFAULT_TASK, get_task
 from handrail.verifiers import FileTask
-from handrail.run import FolderLock, model_folder, progress, writing
+from handrail.sources import model_folder
+from handrail.folders import FolderLock, progress, writing
 
 
 def _registry(module: str, name: str):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from handrail import cli
-from handrail.run import FolderLock, WriteError, writing
+from handrail.folders import FolderLock, WriteError, writing
 
 TINY = ["prompts_per_step=8", "max_new_tokens=24", "eval_n=0", "train_n=64", "level=2", "threads=1"]
 
@@ -62,7 +62,7 @@ def test_torchs_own_short_write_error_is_a_write_error_and_others_pass_through(t
 
 
 def test_a_folder_lock_is_held_by_one_process_and_freed_when_it_is_killed(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom handrail.run import FolderLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom handrail.folders import FolderLock\n"
                                f"lock = FolderLock({str(tmp_path / 'run')!r})\nprint('held', flush=True)\n"
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

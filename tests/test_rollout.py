@@ -2,7 +2,7 @@ import torch
 
 from handrail.evaluate import evaluate, prompt_ids
 from handrail.models import load_model, stop_ids
-from handrail.run import eval_records
+from handrail.sources import eval_records
 from handrail.rollout import left_pad, positions, sample
 
 

@@ -81,7 +81,7 @@ def test_one_training_step_inside_trls_trainer(tiny_model, tmp_path):
 
     from handrail.models import load_model
     from handrail.data import student_prompt, teacher_prompt
-    from handrail.run import eval_records
+    from handrail.sources import eval_records
 
     _, tok, tpl = load_model(tiny_model)
     _, recs = eval_records("chain", None, n=4, level=2)
