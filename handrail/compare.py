@@ -133,8 +133,11 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
     bad = next((item for item in extra if "=" not in item), None)
     if bad is not None:
         raise C.ConfigError(f"config key 'train': {bad!r} is not key=value")
-    built = C.build(TrainConfig, overrides={**kw, **dict(item.split("=", 1) for item in extra),
-                                            **dict(item.split("=", 1) for item in own), **(chosen or {})})
+    extra, chosen = dict(item.split("=", 1) for item in extra), dict(chosen or {})
+    if kind is not None:  # `train=` and a swept key apply to every method that reads them, not to the others
+        theirs = frozenset().union(*(m.reads() for m in METHODS.values())) - kind.reads()
+        extra, chosen = ({k: v for k, v in d.items() if k.strip() not in theirs} for d in (extra, chosen))
+    built = C.build(TrainConfig, overrides={**kw, **extra, **dict(item.split("=", 1) for item in own), **chosen})
     if built.rollouts_per_step != cfg.samples_per_step and "eval_every" not in (chosen or {}):
         # a method whose steps cost other than samples_per_step (vine's branches) is evaluated
         # as often in samples, not in steps; a search's cost is not known ahead: every step

@@ -120,6 +120,14 @@ class Method:
     one_per_prompt = False  # compare gives it one rollout (or search) per prompt: what it spends fills the step
     cost_varies = False  # what a step spends is known only once it has run (compare evaluates every step)
     reads_logged = False  # trains on logged conversations' turns (rollout=logged), generating nothing
+    # TrainConfig keys this method reads that some other method does not: its own options. A run
+    # that sets another method's option would have it silently ignored, so `check` refuses that.
+    options: frozenset[str] = frozenset()
+
+    @classmethod
+    def reads(cls) -> frozenset[str]:
+        """Its own options and those of the methods it extends."""
+        return frozenset().union(*(vars(k).get("options", frozenset()) for k in cls.__mro__))
 
     @staticmethod
     def rollouts_per_sample(cfg) -> int:
@@ -138,6 +146,11 @@ class Method:
         if cfg.counterfactual == "shuffled" and not cls.distils:
             raise UsageError(f"config key 'counterfactual': a counterfactual teacher shapes self-distillation's "
                              f"target (method self-distill or srpo), not {cfg.method}'s")
+        key = foreign_option(cls, cfg)
+        if key is not None:
+            owners = ", ".join(name for name, m in METHODS.items() if key in m.reads())
+            raise UsageError(f"config key '{key}': method {cfg.method} does not read it (it is an option of "
+                             f"{owners}); leave it out, or choose one of those methods")
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts: PromptIds | None = None):
         from handrail import curriculum
@@ -214,6 +227,9 @@ class SelfDistill(Method):
     privileged = True
     distils = True
     reads_logged = True
+    options = frozenset({"rule", "lam", "delta", "tau", "lam_max", "support_top_p", "teacher", "ema_decay",
+                         "counterfactual", "teacher_topk", "intervene_kl", "gate", "gate_prob", "after_gate",
+                         "guided_until"})
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)
@@ -321,6 +337,7 @@ class GRPO(Method):
     needs_solutions = False  # the reward reads only the answer
     rewarded = True
     grouped = True
+    options = frozenset({"clip_eps", "kl_coef", "grpo_loss", "scale_rewards"})
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None, frozen=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)
@@ -422,6 +439,7 @@ class RLSD(GRPO):
 
     privileged = True
     needs_solutions = True  # its teacher reads the worked reference
+    options = frozenset({"teacher_weight_clip"})
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)
@@ -456,6 +474,7 @@ class SRPO(Method):
     rewarded = True
     grouped = True
     distils = True  # its failed rollouts' target; guided and logged rollouts are self-distill's alone
+    options = SelfDistill.options | GRPO.options  # it runs both (not a subclass of either)
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -538,6 +557,7 @@ class Vine(GRPO):
 
     grouped = False  # its values come from branches, not from a group
     one_per_prompt = True
+    options = frozenset({"vine_points", "vine_k"})
 
     @staticmethod
     def rollouts_per_sample(cfg) -> int:
@@ -603,6 +623,7 @@ class ExpertIteration(Method):
     needs_solutions = False  # values come from the check or the answer
     one_per_prompt = True
     cost_varies = True
+    options = frozenset({"search_simulations", "search_candidates", "search_value"})
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -648,6 +669,22 @@ class ExpertIteration(Method):
 
     def step_metrics(self, signal):
         return {"search/rows": int(signal.weight.numel()), "search/sequences": self.spent}
+
+
+# Values that switch an option off: any method may carry them (a resolved counterfactual=auto is
+# "none" in every run's config.json, whatever its method).
+OFF = {"counterfactual": "none", "teacher_topk": 0, "kl_coef": 0.0, "gate": "none"}
+
+
+def foreign_option(method: type[Method], cfg) -> str | None:
+    """The first key of `cfg` that only other methods read and that is set away from its default
+    (or its OFF value), or None."""
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(cfg)}
+    others = frozenset().union(*(m.reads() for m in METHODS.values())) - method.reads()
+    return next((key for key in sorted(others)
+                 if getattr(cfg, key) not in (defaults[key], OFF.get(key, defaults[key]))), None)
 
 
 METHODS = {"self-distill": SelfDistill, "grpo": GRPO, "sft": SFT, "rlsd": RLSD, "srpo": SRPO, "vine": Vine,

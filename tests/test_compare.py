@@ -168,3 +168,20 @@ def test_mean_curve_aligns_runs_evaluated_at_different_sample_counts():
     got = {s: m for s, m, _ in mean_curve(ragged)}
     assert got == {0: pytest.approx(0.1), 40: pytest.approx(0.3), 70: pytest.approx(0.5), 90: pytest.approx(0.7)}
     assert max(got.values()) == pytest.approx((0.8 + 0.6) / 2)  # the best is the mean of both ends here
+
+
+def test_train_keys_reach_the_methods_that_read_them_and_a_spec_key_must_be_read():
+    """`train=` and a sweep apply to every method that reads the key; a method's own `+key=value`
+    must be one it reads (an ignored option is refused, not silently dropped)."""
+    from handrail.compare import CompareConfig, method_config
+
+    c = CompareConfig(model="m", samples_per_step=16, group_size=4, train="kl_coef=0.05,delta=0.5,lr=3e-4")
+    sd, grpo = method_config(c, "self-distill", 0, Path("o")), method_config(c, "grpo", 0, Path("o"))
+    assert (sd.delta, sd.kl_coef, sd.lr) == (0.5, 0.0, 3e-4)
+    assert (grpo.delta, grpo.kl_coef, grpo.lr) == (1.0, 0.05, 3e-4)
+    srpo = method_config(c, "srpo", 0, Path("o"))  # runs both, so reads both
+    assert (srpo.delta, srpo.kl_coef) == (0.5, 0.05)
+    swept = method_config(CompareConfig(model="m"), "grpo", 0, Path("o"), chosen={"gate_prob": "0.2", "lr": "1e-5"})
+    assert (swept.gate_prob, swept.lr) == (0.05, 1e-5)
+    with pytest.raises(ValueError, match="config key 'clip_eps': method self-distill does not read it"):
+        method_config(c, "self-distill+clip_eps=0.3", 0, Path("o"))

@@ -187,3 +187,20 @@ def test_lean_decoder_false_runs_the_models_own_forward_for_that_run_only(tiny_m
     assert decoder.LEAN  # restored for whatever runs next in the process
     with pytest.raises(AssertionError, match="lean decoder ran"):
         train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "s"), "lean_decoder": True}), log=lambda *_: None)
+
+
+def test_a_method_refuses_another_methods_option_and_accepts_its_off_value():
+    from handrail import config as C
+    from handrail.methods import METHODS
+    from handrail.train import TrainConfig
+
+    with pytest.raises(ValueError, match="config key 'vine_k': method grpo does not read it .*vine"):
+        C.build(TrainConfig, overrides={"model": "m", "method": "grpo", "samples_per_prompt": "4", "vine_k": "3"})
+    with pytest.raises(ValueError, match="config key 'rule': method sft does not read it"):
+        C.build(TrainConfig, overrides={"model": "m", "method": "sft", "rule": "none"})
+    # a resolved counterfactual=auto is "none" in every run's config.json, and resumes
+    C.build(TrainConfig, overrides={"model": "m", "method": "grpo", "samples_per_prompt": "4", "counterfactual": "none"})
+    C.build(TrainConfig, overrides={"model": "m", "method": "vine", "vine_k": "3", "clip_eps": "0.3"})  # vine is a GRPO
+    assert METHODS["srpo"].reads() >= METHODS["self-distill"].reads() | METHODS["grpo"].reads()
+    every = frozenset().union(*(m.reads() for m in METHODS.values()))
+    assert all(key in TrainConfig.__dataclass_fields__ for key in every)  # no option names a key that is not there
