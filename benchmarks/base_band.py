@@ -28,9 +28,9 @@ ISA_ENV = {
 CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, {bench!r})
-from handrail.evaluate import evaluate
-from handrail.models import load_model
-from handrail.sources import eval_records
+from handrail.runtime.evaluate import evaluate
+from handrail.runtime.models import load_model
+from handrail.commands.sources import eval_records
 from teacher_probe import probe
 out = {out!r}
 res = json.load(open(out + "/pretrain_result.json"))

@@ -21,7 +21,7 @@ def main():
 
     from transformers import StaticCache
 
-    from handrail.models import load_model
+    from handrail.runtime.models import load_model
 
     torch.set_num_threads(a.threads)
     lm, _, _ = load_model(a.model)

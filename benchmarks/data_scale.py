@@ -47,7 +47,7 @@ def write_data(folder: Path, n: int) -> Path:
                 for _, line in zip(range(n), src):
                     f.write(line)
         else:
-            from handrail.tasks import get_task
+            from handrail.data.tasks import get_task
 
             task, made = get_task("chain"), 0
             while made < n:  # split() draws distinct problems; a million in pieces keeps memory flat
@@ -71,13 +71,18 @@ def child_lab(data: str, out: str) -> dict:
 def child_tokenizer(data: str) -> dict:
     from transformers import AutoTokenizer
 
-    from handrail.data import Templates
+    from handrail.data.records import Templates
     try:
-        from handrail.datafile import load_records
-    except ImportError:  # a checkout from before datafile.py
-        from handrail.data import load_records
-    from handrail.evaluate import PromptIds, fit_records
-    from handrail.models import smollm2_folder
+        from handrail.data.datafile import load_records
+        from handrail.runtime.evaluate import PromptIds, fit_records
+        from handrail.runtime.models import smollm2_folder
+    except ImportError:  # a checkout from before the sub-packages (and, older, before datafile.py)
+        try:
+            from handrail.datafile import load_records
+        except ImportError:
+            from handrail.data import load_records
+        from handrail.evaluate import PromptIds, fit_records
+        from handrail.models import smollm2_folder
 
     tok = AutoTokenizer.from_pretrained(smollm2_folder())
     t0 = time.time()
@@ -119,7 +124,7 @@ def main() -> None:
     ap.add_argument("--out", help="a JSON file for the figures")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from handrail.models import cache_dir
+    from handrail.folders import cache_dir
 
     sizes = sorted(int(s) for s in a.sizes.split(","))
     for n in sorted(sizes, reverse=True):

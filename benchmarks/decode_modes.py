@@ -6,7 +6,7 @@ Both modes run the same kernels, so the logits are compared and must be identica
 is the bookkeeping per call (inference mode keeps no version counters and records no views), which
 matters where a step is many small calls: a small model's. Each repeat encodes a fresh batch of
 lab prompts and times 45 one-token steps in each mode, alternating, after the process's
-allocator setting (handrail/cpu.py) as in training. Prints the median microseconds per step.
+allocator setting (handrail/runtime/cpu.py) as in training. Prints the median microseconds per step.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from handrail.cpu import keep_freed_memory
-from handrail.decoder import LeanDecoder, supported
-from handrail.evaluate import prompt_ids
-from handrail.models import load_model
-from handrail.rollout import left_pad
-from handrail.sources import default_base_model, eval_records
+from handrail.runtime.cpu import keep_freed_memory
+from handrail.engine.decoder import LeanDecoder, supported
+from handrail.runtime.evaluate import prompt_ids
+from handrail.runtime.models import load_model
+from handrail.engine.rollout import left_pad
+from handrail.commands.sources import default_base_model, eval_records
 
 
 def main():

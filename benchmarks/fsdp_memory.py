@@ -28,8 +28,8 @@ def _peak_mib() -> float:
 
 
 def child(a) -> None:
-    from handrail.checkpoint import Checkpoints
-    from handrail.train import TrainConfig, train
+    from handrail.runtime.checkpoint import Checkpoints
+    from handrail.commands.train import TrainConfig, train
 
     training_peak = {}
     save = Checkpoints.save
@@ -66,7 +66,7 @@ def main():
     if a.mode:
         return child(a)
 
-    from handrail.models import load_model, save_model
+    from handrail.runtime.models import load_model, save_model
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

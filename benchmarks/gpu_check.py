@@ -8,7 +8,7 @@ matplotlib or gguf), so it runs on a bare GPU image; tests/test_gpu_check.py run
 those others made unimportable, so the check cannot rot.
 
 Correctness, each against a stated tolerance (the table's `ok` column):
-- `decoder`: the lean decoder (handrail/decoder.py) against the model's own forward on a randomly
+- `decoder`: the lean decoder (handrail/engine/decoder.py) against the model's own forward on a randomly
   initialised Qwen2 and Llama: greedy tokens equal and log-probs within 1e-4 in float32; in bf16
   the teacher-forced log-probs of the same sequences within 0.05 nats (bf16 keeps ~3 digits), and
   the share of equal greedy tokens reported.
@@ -95,9 +95,9 @@ def sync(device):
 
 # -- correctness ---------------------------------------------------------------------------------
 def check_decoder(arch: str, device, small: bool) -> list[dict]:
-    import handrail.rollout as rollout
-    from handrail.decoder import hidden_states, positions, supported
-    from handrail.rollout import left_pad, sample
+    import handrail.engine.rollout as rollout
+    from handrail.engine.decoder import hidden_states, positions, supported
+    from handrail.engine.rollout import left_pad, sample
 
     out = []
     cfg = config(arch, small or device.type == "cpu")
@@ -137,8 +137,8 @@ def check_decoder(arch: str, device, small: bool) -> list[dict]:
 
 
 def check_loss(device, small: bool) -> list[dict]:
-    from handrail.objectives import distill_chunk, fused_distill_sum, naive_sum
-    from handrail.targets import make_rule
+    from handrail.engine.objectives import distill_chunk, fused_distill_sum, naive_sum
+    from handrail.engine.targets import make_rule
 
     B, T, H, V = (2, 24, 16, 96) if small else (2, 256, 896, 151936)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -170,7 +170,7 @@ def check_loss(device, small: bool) -> list[dict]:
 
 
 def check_lora(device, small: bool) -> list[dict]:
-    from handrail.models import AdapterOff, add_lora
+    from handrail.runtime.models import AdapterOff, add_lora
 
     cfg = config("qwen2.5-0.5b", True if small or device.type == "cpu" else False)
     base = random_model(cfg, device, torch.float32)
@@ -192,9 +192,9 @@ def check_lora(device, small: bool) -> list[dict]:
 def tiny_folder(tmp: Path) -> str:
     """A small Llama with the lab's character tokenizer and templates, untrained: enough for one
     step of every method on the embedded task."""
-    from handrail.data import TINY_TEMPLATES
-    from handrail.models import build_char_tokenizer, build_tiny_model, save_model
-    from handrail.tasks import get_task
+    from handrail.data.records import TINY_TEMPLATES
+    from handrail.runtime.models import build_char_tokenizer, build_tiny_model, save_model
+    from handrail.data.tasks import get_task
 
     task = get_task("chain")
     texts = [p.prompt + p.solution for p in task.split("train", 200, None)] + ["[]\n#### -+*=0123456789"]
@@ -203,7 +203,7 @@ def tiny_folder(tmp: Path) -> str:
 
 
 def train_once(model: str, out: Path, **keys) -> dict:
-    from handrail.train import TrainConfig, train
+    from handrail.commands.train import TrainConfig, train
 
     cfg = TrainConfig(model=model, out=str(out), eval_n=0, checkpoint_every=0, **keys)
     cfg.rollouts = keys.get("rollouts") or cfg.rollouts_per_step
@@ -251,8 +251,8 @@ def check_two_processes(device, tmp: Path) -> list[dict]:
 
 # -- figures -------------------------------------------------------------------------------------
 def figure_rollout(arch: str, device, small: bool, dtype) -> list[dict]:
-    import handrail.rollout as rollout
-    from handrail.rollout import left_pad, sample
+    import handrail.engine.rollout as rollout
+    from handrail.engine.rollout import left_pad, sample
 
     cfg = config(arch, small)
     model = random_model(cfg, device, dtype)
@@ -287,7 +287,7 @@ def figure_rollout(arch: str, device, small: bool, dtype) -> list[dict]:
 def vocab_tokenizer(size: int):
     """The lab's characters, then other code points until there is one character per model id: a
     random model's every token decodes, and the lab's prompts tokenise as they do for its base."""
-    from handrail.models import SPECIALS, build_char_tokenizer
+    from handrail.runtime.models import SPECIALS, build_char_tokenizer
 
     lab = sorted(set("0123456789+-*=#\n[] "))
     room = size - len(SPECIALS) - len(lab)
@@ -300,8 +300,8 @@ def vocab_tokenizer(size: int):
 
 
 def figure_steps(arch: str, device, small: bool, tmp: Path) -> list[dict]:
-    from handrail.data import TINY_TEMPLATES
-    from handrail.models import save_model
+    from handrail.data.records import TINY_TEMPLATES
+    from handrail.runtime.models import save_model
 
     cfg = config(arch, small)
     model = random_model(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -328,8 +328,8 @@ def figure_steps(arch: str, device, small: bool, tmp: Path) -> list[dict]:
 
 
 def figure_loss_memory(device, small: bool) -> list[dict]:
-    from handrail.objectives import distill_chunk, fused_distill_sum, naive_sum
-    from handrail.targets import make_rule
+    from handrail.engine.objectives import distill_chunk, fused_distill_sum, naive_sum
+    from handrail.engine.targets import make_rule
 
     T, H, V = (64, 16, 512) if small else (4096, 896, 151936)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from handrail.data import records_from_task
-from handrail.evaluate import prompt_ids
-from handrail.models import load_model, stop_ids
-from handrail.rollout import sample
-from handrail.sources import default_base_model
-from handrail.tasks import get_task
-from handrail.train import TrainConfig, train
+from handrail.data.records import records_from_task
+from handrail.runtime.evaluate import prompt_ids
+from handrail.runtime.models import load_model, stop_ids
+from handrail.engine.rollout import sample
+from handrail.commands.sources import default_base_model
+from handrail.data.tasks import get_task
+from handrail.commands.train import TrainConfig, train
 
 
 def write_conversations(model_spec, path: Path, n: int, new: int) -> Path:

@@ -21,10 +21,10 @@ import tempfile
 
 
 def one(model: str, lora_r: int, steps: int, threads: int) -> dict:
-    from handrail.train import TrainConfig, train
+    from handrail.commands.train import TrainConfig, train
 
     if lora_r < 0:  # the floor: the libraries and one copy of the weights, no training
-        from handrail.models import load_model
+        from handrail.runtime.models import load_model
 
         lm, _, _ = load_model(model)
         n = sum(p.numel() for p in lm.parameters())
@@ -37,13 +37,13 @@ def one(model: str, lora_r: int, steps: int, threads: int) -> dict:
         summary = train(cfg, log=lambda *_: None)
         rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before anything else is loaded
-    from handrail.models import load_model  # what a trainable parameter count needs
+    from handrail.runtime.models import load_model  # what a trainable parameter count needs
 
     lm, _, _ = load_model(model)
     total = sum(p.numel() for p in lm.parameters())
     trainable = total if not lora_r else None
     if lora_r:
-        from handrail.models import add_lora
+        from handrail.runtime.models import add_lora
 
         trainable = sum(p.numel() for p in add_lora(lm, lora_r, 2.0 * lora_r, "all-linear").parameters() if p.requires_grad)
     return {"lora_r": lora_r, "peak_rss_mib": peak,
@@ -66,7 +66,7 @@ def main():
     if a.model == "smollm2" or a.model.endswith(".gguf"):
         # dequantising a GGUF file on load has its own, larger peak; convert once so that the
         # children's peaks are training's, not loading's
-        from handrail.models import load_model, save_model
+        from handrail.runtime.models import load_model, save_model
 
         lm, tok, templates = load_model(a.model)
         model = tempfile.mkdtemp(prefix="lora-memory-")

@@ -21,8 +21,8 @@ import time
 def child(mode: str, B: int, T: int, rule: str, topk: int = 0) -> dict:
     import torch
 
-    from handrail.objectives import chunked_sum, distill_chunk, fused_distill_sum, naive_sum
-    from handrail.targets import make_rule
+    from handrail.engine.objectives import chunked_sum, distill_chunk, fused_distill_sum, naive_sum
+    from handrail.engine.targets import make_rule
 
     torch.manual_seed(0)
     H, V = 576, 49152

@@ -25,12 +25,12 @@ import argparse
 import json
 from pathlib import Path
 
-from handrail.answers import reader_answer
-from handrail.data import reference_answer
-from handrail.evaluate import is_correct, prompt_ids
-from handrail.models import load_model, stop_ids
-from handrail.rollout import sample
-from handrail.sources import eval_records
+from handrail.data.answers import reader_answer
+from handrail.data.records import reference_answer
+from handrail.runtime.evaluate import is_correct, prompt_ids
+from handrail.runtime.models import load_model, stop_ids
+from handrail.engine.rollout import sample
+from handrail.commands.sources import eval_records
 
 
 def main() -> None:
@@ -50,8 +50,8 @@ def main() -> None:
     if a.data:
         task, records = eval_records(None, a.data, None, a.n)
     else:
-        from handrail.data import records_from_task
-        from handrail.tasks import get_task
+        from handrail.data.records import records_from_task
+        from handrail.data.tasks import get_task
 
         task = get_task(a.task or "chain")
         records = records_from_task(task.split("train", a.n, task.post_level, seed=1000 + a.seed))

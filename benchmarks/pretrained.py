@@ -10,7 +10,7 @@ gate, learning rate) followed by one greedy `handrail eval` on the first `--n` r
 `test.jsonl`; the base model is evaluated once the same way. Settings are named sets of train
 keys (`SETTINGS`). Runs go one per process (`--threads` each), `--jobs` at a time; a finished run is
 reused, so an interrupted benchmark continues. Prints a table of strict and lenient pass@1 and
-the leak rate (the final answer written before any work: handrail/answers.py) and writes
+the leak rate (the final answer written before any work: handrail/data/answers.py) and writes
 `results.json` beside the runs.
 """
 

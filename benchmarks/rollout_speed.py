@@ -1,5 +1,5 @@
 """Tokens/s of handrail's batched KV-cached sampler against `model.generate` on the same batch,
-with its lean decoding step (handrail/decoder.py) and with the model's own forward per token.
+with its lean decoding step (handrail/engine/decoder.py) and with the model's own forward per token.
 
     python benchmarks/rollout_speed.py [--model smollm2] [--batch 16] [--new 64] [--repeat 5]
 
@@ -17,12 +17,12 @@ import time
 
 import torch
 
-import handrail.rollout as rollout
-from handrail.decoder import supported
-from handrail.evaluate import prompt_ids
-from handrail.models import load_model
-from handrail.rollout import left_pad, sample
-from handrail.sources import default_base_model, eval_records
+import handrail.engine.rollout as rollout
+from handrail.engine.decoder import supported
+from handrail.runtime.evaluate import prompt_ids
+from handrail.runtime.models import load_model
+from handrail.engine.rollout import left_pad, sample
+from handrail.commands.sources import default_base_model, eval_records
 
 
 def main():

@@ -36,10 +36,10 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 
 def first_step_valid(model, tok, templates, records, task, samples: int = 8) -> float:
-    from handrail.evaluate import prompt_ids
-    from handrail.models import stop_ids
-    from handrail.rollout import sample
-    from handrail.steps import delimiter_ids
+    from handrail.runtime.evaluate import prompt_ids
+    from handrail.runtime.models import stop_ids
+    from handrail.engine.rollout import sample
+    from handrail.engine.steps import delimiter_ids
 
     stops = sorted(set(stop_ids(tok)) | set(delimiter_ids(tok)))
     ids = [p for p in prompt_ids(tok, records, templates) for _ in range(samples)]
@@ -64,9 +64,9 @@ def main() -> None:
 
     import torch
 
-    from handrail.models import load_model
-    from handrail.sources import environment, eval_records
-    from handrail.search import SearchConfig, search
+    from handrail.runtime.models import load_model
+    from handrail.commands.sources import environment, eval_records
+    from handrail.methods.search import SearchConfig, search
 
     torch.set_num_threads(a.threads)
     task, records = eval_records(a.task, None, a.level, a.n)

@@ -14,8 +14,8 @@ import json
 import statistics
 from pathlib import Path
 
-from handrail.sources import default_base_model
-from handrail.train import TrainConfig, train
+from handrail.commands.sources import default_base_model
+from handrail.commands.train import TrainConfig, train
 
 
 def mean_sd(xs):

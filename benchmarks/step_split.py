@@ -9,7 +9,7 @@ the loss, backward, the optimizer) is timed by wrapping the function the loop ca
 no evaluation). Timers, not a profiler: cProfile and torch.profiler add per-call costs that
 inflate exactly the small operations being measured. Prints ms per step for each part, per repeat
 (each repeat a fresh run in this process; the machine's speed drifts, so compare within a run),
-and the process's minor page faults per step (what handrail/cpu.py's allocator setting removes).
+and the process's minor page faults per step (what handrail/runtime/cpu.py's allocator setting removes).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import time
 
 import torch
 
-import handrail.train as T
-from handrail.cpu import keep_freed_memory
+import handrail.commands.train as T
+from handrail.runtime.cpu import keep_freed_memory
 from handrail.methods import METHODS
-from handrail.sources import default_base_model
+from handrail.commands.sources import default_base_model
 
 
 def main():
@@ -68,7 +68,7 @@ def main():
         print(f"run {r + 1}: {s['seconds'] / n * 1e3:.0f} ms per step ({n} steps) = {parts} ms, and the rest; "
               f"{faults:.0f} page faults per step")
     print(f"model={model} method={a.method} threads={a.threads} cpu capability={torch.backends.cpu.get_cpu_capability()} "
-          f"freed memory kept (handrail/cpu.py): {keep_freed_memory()}; a page fault costs {fault_cost() * 1e6:.1f} µs here")
+          f"freed memory kept (handrail/runtime/cpu.py): {keep_freed_memory()}; a page fault costs {fault_cost() * 1e6:.1f} µs here")
 
 
 def fault_cost(mib: int = 200) -> float:

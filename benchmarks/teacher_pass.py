@@ -17,14 +17,14 @@ import time
 
 import torch
 
-import handrail.decoder as D
-from handrail.cpu import keep_freed_memory
-from handrail.evaluate import prompt_ids
+import handrail.engine.decoder as D
+from handrail.runtime.cpu import keep_freed_memory
+from handrail.runtime.evaluate import prompt_ids
 from handrail.methods import completion_hidden
-from handrail.models import HiddenStates, load_model, stop_ids
-from handrail.rollout import sample
-from handrail.sources import default_base_model
-from handrail.train import TrainConfig, task_and_records
+from handrail.runtime.models import HiddenStates, load_model, stop_ids
+from handrail.engine.rollout import sample
+from handrail.commands.sources import default_base_model
+from handrail.commands.train import TrainConfig, task_and_records
 
 
 def main():

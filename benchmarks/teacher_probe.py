@@ -15,10 +15,10 @@ import random
 import sys
 from pathlib import Path
 
-from handrail.data import teacher_prompt
-from handrail.models import load_model, stop_ids
-from handrail.rollout import sample
-from handrail.sources import eval_records
+from handrail.data.records import teacher_prompt
+from handrail.runtime.models import load_model, stop_ids
+from handrail.engine.rollout import sample
+from handrail.commands.sources import eval_records
 
 
 def probe(model_path: str, n: int = 200, seed: int = 0) -> dict:

@@ -16,10 +16,10 @@ def main():
 
     import torch
 
-    from handrail.evaluate import prompt_ids
-    from handrail.models import load_model, stop_ids
-    from handrail.rollout import sample
-    from handrail.sources import eval_records
+    from handrail.runtime.evaluate import prompt_ids
+    from handrail.runtime.models import load_model, stop_ids
+    from handrail.engine.rollout import sample
+    from handrail.commands.sources import eval_records
 
     torch.set_num_threads(1)
     task, recs = eval_records(None, None, None, a.n)

@@ -7,7 +7,7 @@
 For each seed, four trainings run one after another, each in a fresh process by default
 (`--process each`: each library as it ships, on the same threads, interleaved so both meet the
 same machine state), or all in this one (`--process shared`: once handrail has trained, TRL runs
-on the allocator settings handrail sets for itself, handrail/cpu.py, so the ratio compares the
+on the allocator settings handrail sets for itself, handrail/runtime/cpu.py, so the ratio compares the
 two libraries' step code alone):
 
 - GRPO at identical settings: TRL `GRPOTrainer` and handrail `--method grpo` (prompts x G,
@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from handrail.data import student_prompt, teacher_prompt
-from handrail.evaluate import evaluate, is_correct
-from handrail.models import load_model
-from handrail.sources import default_base_model, environment
-from handrail.train import TrainConfig, task_and_records, train
+from handrail.data.records import student_prompt, teacher_prompt
+from handrail.runtime.evaluate import evaluate, is_correct
+from handrail.runtime.models import load_model
+from handrail.commands.sources import default_base_model, environment
+from handrail.commands.train import TrainConfig, task_and_records, train
 
 
 def handrail_run(base: str, out: Path, seed: int, a, **kw) -> dict:
@@ -122,7 +122,7 @@ def trl_run(kind: str, base: str, out: Path, seed: int, a, task, records, tokeni
                           distillation_mode="full_logits", **common)
         extra = {}
         if kind == "sdft-target":  # TRL's trainer, handrail's target (rule and gate at handrail's defaults)
-            from handrail.trl_target import HandrailSDFTTrainer as SDFTTrainer
+            from handrail.commands.trl_target import HandrailSDFTTrainer as SDFTTrainer
 
             extra = dict(rule="trust-region", gate="divergence")
         trainer = SDFTTrainer(model=model, args=args, processing_class=tokenizer,
@@ -148,7 +148,7 @@ def train_here(lib: str, name: str, base: str, dest: Path, seed: int, a) -> dict
 
 def one_training(lib: str, name: str, base: str, dest: Path, seed: int, a) -> dict:
     """One library's training: in a fresh process (`--process each`: each library as it ships, on
-    glibc's allocator settings or the ones handrail sets for itself, handrail/cpu.py), or in this one
+    glibc's allocator settings or the ones handrail sets for itself, handrail/runtime/cpu.py), or in this one
     (`shared`: once handrail has trained here, TRL runs on handrail's allocator settings too)."""
     if a.process == "shared":
         return train_here(lib, name, base, dest, seed, a)
@@ -183,13 +183,13 @@ def main():
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="grpo,sdft", help="grpo, sdft, sdft-target (TRL's trainer with handrail's "
-                    "target: handrail.trl_target), comma-separated")
+                    "target: handrail.commands.trl_target), comma-separated")
     ap.add_argument("--timing-pairs", type=int, default=0,
                     help="per seed and method, this many more handrail/TRL pairs timed (not evaluated), in "
                          "alternating order; the time ratio is the median over all pairs")
     ap.add_argument("--process", choices=("each", "shared"), default="each",
                     help="each: every training in a fresh process, each library as it ships (default); shared: "
-                         "all in this one, so TRL also runs on the allocator settings handrail sets (handrail/cpu.py)")
+                         "all in this one, so TRL also runs on the allocator settings handrail sets (handrail/runtime/cpu.py)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--worker", choices=("handrail", "trl"), help=argparse.SUPPRESS)  # one training, for --process each
     ap.add_argument("--kind", choices=("grpo", "sdft", "sdft-target"), help=argparse.SUPPRESS)

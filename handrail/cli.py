@@ -46,7 +46,7 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def cmd_pretrain(a) -> int:
-    from handrail.pretrain import PretrainConfig, pretrain
+    from handrail.commands.pretrain import PretrainConfig, pretrain
     from handrail.folders import check_out
 
     cfg = C.build(PretrainConfig, a.config, a.overrides, out=a.out, task=a.task, data=a.data, seed=a.seed)
@@ -57,7 +57,7 @@ def cmd_pretrain(a) -> int:
 
 def _problems(a):
     """(task, records) for eval and search, with errors naming their flags, not config keys."""
-    from handrail.sources import eval_records
+    from handrail.commands.sources import eval_records
 
     try:
         return eval_records(a.task, a.data, a.level, a.n, a.fields, a.verifier)
@@ -67,9 +67,9 @@ def _problems(a):
 
 
 def cmd_eval(a) -> int:
-    from handrail.evaluate import evaluate, fit_records, prompt_limit
-    from handrail.models import load_model
-    from handrail.sources import model_folder
+    from handrail.runtime.evaluate import evaluate, fit_records, prompt_limit
+    from handrail.runtime.models import load_model
+    from handrail.commands.sources import model_folder
     if a.temperature < 0:
         raise C.ConfigError(f"--temperature: {a.temperature} is out of range (>= 0)")
     if a.overrides or a.config:  # eval has flags only: refuse what it would otherwise ignore
@@ -105,15 +105,15 @@ def _output_file(flag: str, path: str | None, what: str) -> None:
 
 
 def cmd_probe(a) -> int:
-    from handrail.probe import probe, table
-    from handrail.train import TrainConfig
+    from handrail.commands.probe import probe, table
+    from handrail.commands.train import TrainConfig
 
     _output_file("--html", a.html, "probing")
     cfg = C.build(TrainConfig, a.config, a.overrides, model=a.model, task=a.task, data=a.data)
     report = probe(cfg, n=a.n, html_attempts=a.html_attempts if a.html else 0,
                    log=(lambda *_: None) if a.json else (lambda m: print(m, file=sys.stderr)))
     if a.html:
-        from handrail.probe_html import write
+        from handrail.commands.probe_html import write
 
         write(report, a.html)
     if a.json:
@@ -126,11 +126,11 @@ def cmd_probe(a) -> int:
 
 
 def cmd_search(a) -> int:
-    from handrail.evaluate import fit_records, prompt_limit
-    from handrail.models import load_model
-    from handrail.sources import model_folder
+    from handrail.runtime.evaluate import fit_records, prompt_limit
+    from handrail.runtime.models import load_model
+    from handrail.commands.sources import model_folder
     from handrail.folders import progress
-    from handrail.search import SearchConfig, search, value_mode
+    from handrail.methods.search import SearchConfig, search, value_mode
 
     if a.overrides or a.config:
         raise C.ConfigError(f"{a.overrides[0] if a.overrides else '--config'}: search takes flags only "
@@ -168,7 +168,7 @@ def cmd_search(a) -> int:
 
 def cmd_train(a) -> int:
     from handrail.folders import check_out
-    from handrail.train import TrainConfig, train
+    from handrail.commands.train import TrainConfig, train
 
     flags = {k: getattr(a, k) for k in ("model", "task", "data", "method", "rule", "teacher",
                                          "rollouts", "seed", "out", "config")}
@@ -189,10 +189,10 @@ def cmd_train(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from handrail.compare import CompareConfig, compare
-    from handrail.sources import default_base_model
+    from handrail.commands.compare import CompareConfig, compare
+    from handrail.commands.sources import default_base_model
     from handrail.folders import check_out
-    from handrail.tasks import DEFAULT_TASK
+    from handrail.data.tasks import DEFAULT_TASK
 
     if not a.model and (a.data or a.task not in (None, DEFAULT_TASK)):
         raise UsageError("--model is required unless the task is the embedded default")
@@ -208,8 +208,8 @@ def cmd_compare(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from handrail.compare import CompareConfig, compare
-    from handrail.sources import default_base_model
+    from handrail.commands.compare import CompareConfig, compare
+    from handrail.commands.sources import default_base_model
     from handrail.folders import check_out
 
     out = a.out or _free_dir("runs/demo-quick" if a.quick else "runs/demo")
@@ -231,13 +231,13 @@ DEMO_QUICK = dict(methods="self-distill,self-distill:none,sft,grpo", scenarios="
 
 
 def cmd_decode(a) -> int:
-    from handrail.data import Record
-    from handrail.evaluate import prompt_ids
-    from handrail.models import load_model, stop_ids
-    from handrail.sources import model_folder
-    from handrail.rollout import Guide, sample
-    from handrail.sources import eval_records
-    from handrail.targets import NEEDS_INITIAL, RULES, make_rule
+    from handrail.data.records import Record
+    from handrail.runtime.evaluate import prompt_ids
+    from handrail.runtime.models import load_model, stop_ids
+    from handrail.commands.sources import model_folder
+    from handrail.engine.rollout import Guide, sample
+    from handrail.commands.sources import eval_records
+    from handrail.engine.targets import NEEDS_INITIAL, RULES, make_rule
 
     usable = [r for r in RULES if r not in NEEDS_INITIAL]
     if a.rule not in usable:
@@ -402,7 +402,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from handrail.folders import WriteError
-    from handrail.train import NonFinite
+    from handrail.commands.train import NonFinite
 
     a = parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -9,6 +9,11 @@ import re
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """Where handrail keeps what it builds once: the default base, converted GGUF models."""
+    return Path(os.environ.get("HANDRAIL_CACHE", Path.home() / ".cache" / "handrail"))
+
+
 class WriteError(OSError):
     """A write that failed (no space left, a read-only or over-quota filesystem): the message names
     the path and the reason. The command exits with status 4."""
@@ -35,7 +40,7 @@ def _reason(e: BaseException, path: Path) -> str:
     if isinstance(e, OSError) and e.strerror:
         reason = e.strerror
     else:
-        from handrail.models import first_line
+        from handrail.errors import first_line
 
         reason = first_line(e)
     if free is not None and free < 64 << 20:

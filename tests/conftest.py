@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 def tiny_model(tmp_path_factory):
     """A very small model pretrained for a few seconds: too weak to solve much, but a real HF
     folder with the tokenizer and templates that every command uses."""
-    from handrail.pretrain import PretrainConfig, pretrain
+    from handrail.commands.pretrain import PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("tiny") / "model"
     pretrain(PretrainConfig(out=str(out), max_steps=30, d_model=32, n_layers=2, n_heads=2,

@@ -1,9 +1,9 @@
-"""Strict and lenient answers, and the free-text leak (handrail/answers.py)."""
+"""Strict and lenient answers, and the free-text leak (handrail/data/answers.py)."""
 
 import pytest
 
-from handrail.answers import answers_match, extract_answer, last_boxed, lenient, reader_answer, stated_before_work
-from handrail.verifiers import exact
+from handrail.data.answers import answers_match, extract_answer, last_boxed, lenient, reader_answer, stated_before_work
+from handrail.data.verifiers import exact
 
 PROMPT = "Ivy has 62 stickers and gets 6 more. How many stickers does Ivy have now?"
 

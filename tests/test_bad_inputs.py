@@ -218,9 +218,9 @@ def test_a_model_folder_without_handrail_json_says_which_templates_it_gets(tmp_p
 
 
 def test_truncate_left_keeps_the_end_of_a_prompt_too_long_for_the_model(tiny_model):
-    from handrail.data import Record
-    from handrail.evaluate import fit_records, prompt_ids, prompt_limit
-    from handrail.models import load_model
+    from handrail.data.records import Record
+    from handrail.runtime.evaluate import fit_records, prompt_ids, prompt_limit
+    from handrail.runtime.models import load_model
 
     model, tok, tpl = load_model(tiny_model)
     limit = prompt_limit(model, 24)
@@ -245,7 +245,7 @@ def test_argument_errors_are_one_line(capsys):
 
 def test_a_value_given_on_the_line_replaces_the_files_and_errors_name_where_a_value_came_from(tmp_path):
     from handrail import config as C
-    from handrail.train import TrainConfig
+    from handrail.commands.train import TrainConfig
 
     f = tmp_path / "run.yaml"
     f.write_text("model: m\nlr: fast\nrollouts: 32\n")

@@ -6,15 +6,15 @@ import os
 import pytest
 import torch
 
-import handrail.bootstrap
-import handrail.train
+import handrail.commands.bootstrap
+import handrail.commands.train
 from handrail.config import build
-from handrail.data import DataError
-from handrail.datafile import load_records
-from handrail.evaluate import is_correct, is_leak
-from handrail.rollout import Rollout
-from handrail.tasks import get_task
-from handrail.train import TrainConfig, train
+from handrail.data.records import DataError
+from handrail.data.datafile import load_records
+from handrail.runtime.evaluate import is_correct, is_leak
+from handrail.engine.rollout import Rollout
+from handrail.data.tasks import get_task
+from handrail.commands.train import TrainConfig, train
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples", "conversations.jsonl")
 QUIET = dict(log=lambda *_: None)
@@ -75,7 +75,7 @@ def test_logged_conversations_train_without_generating(tiny_model, tmp_path, mon
     def no_sampling(*a, **k):
         raise AssertionError("logged conversations must not sample")
 
-    monkeypatch.setattr(handrail.train, "sample", no_sampling)
+    monkeypatch.setattr(handrail.commands.train, "sample", no_sampling)
     data = task_conversations(tmp_path)
     cfg = TrainConfig(model=tiny_model, out=str(tmp_path / "run"), data=data, rollouts=32, prompts_per_step=8,
                       lr=1e-3, eval_every=0, checkpoint_every=0)
@@ -118,13 +118,13 @@ def fake_sampler(solutions):
 
 def test_bootstrap_keeps_verified_stepwise_solutions_and_counts_its_samples(tiny_model, tmp_path, monkeypatch):
     data, solutions = answer_only(tmp_path)
-    monkeypatch.setattr(handrail.bootstrap, "sample", fake_sampler(solutions))
+    monkeypatch.setattr(handrail.commands.bootstrap, "sample", fake_sampler(solutions))
     out = tmp_path / "run"
     cfg = TrainConfig(model=tiny_model, out=str(out), data=data, eval_data=data, eval_n=8, bootstrap_k=2,
                       bootstrap_rollouts=32, rollouts=64, prompts_per_step=8, max_new_tokens=24, lr=1e-3,
                       eval_every=2, checkpoint_every=2)
     summary = train(cfg, **QUIET)
-    kept = handrail.bootstrap.load(out / "bootstrap.jsonl")
+    kept = handrail.commands.bootstrap.load(out / "bootstrap.jsonl")
     # 32 samples = 16 problems x k=2; the worked solution (row 0 of each pair) is kept, the leak is not
     assert len(kept) == 16 and all(r.solution == solutions[r.prompt] for r in kept)
     log = rows(out)
@@ -134,7 +134,7 @@ def test_bootstrap_keeps_verified_stepwise_solutions_and_counts_its_samples(tiny
     assert log[-1]["bootstrap_rollouts"] == 32
 
     # resuming reads the kept solutions back instead of sampling again
-    monkeypatch.setattr(handrail.bootstrap, "sample", None)
+    monkeypatch.setattr(handrail.commands.bootstrap, "sample", None)
     train(build(TrainConfig, out / "config.json", ["rollouts=80"]), resume=True, **QUIET)
     assert rows(out)[-1]["step"] == 6 and rows(out)[-1]["rollouts"] == 80
 
@@ -153,7 +153,7 @@ def test_bootstrap_with_guided_samples_runs_on_a_real_model(tiny_model, tmp_path
     assert boot["bootstrap/rollouts"] == 32 and boot["bootstrap/problems"] == 16
     assert (boot["bootstrap/solved"] > 0) == solved
     if solved:  # whatever it kept must verify and not answer first (a data file's definitions)
-        kept = handrail.bootstrap.load(tmp_path / "run" / "bootstrap.jsonl")
+        kept = handrail.commands.bootstrap.load(tmp_path / "run" / "bootstrap.jsonl")
         assert len(kept) == boot["bootstrap/solved"]
         assert all(is_correct(r.solution, r, None) and not is_leak(r.solution, r, None) for r in kept)
 
@@ -164,9 +164,9 @@ def test_bootstrap_must_leave_budget_for_training(tiny_model):
 
 
 def test_a_long_conversation_is_cut_from_its_earliest_turns_when_asked(tiny_model):
-    from handrail.data import Record
-    from handrail.evaluate import PromptIds, fit_records
-    from handrail.models import load_model
+    from handrail.data.records import Record
+    from handrail.runtime.evaluate import PromptIds, fit_records
+    from handrail.runtime.models import load_model
 
     _, tok, templates = load_model(tiny_model)
     long = Record(prompt=[{"role": "user", "content": "12+3+4+5+6+7+8+9"},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from handrail.compare import efficiency_ratio, mean_curve, samples_to_reach
+from handrail.commands.compare import efficiency_ratio, mean_curve, samples_to_reach
 
 
 def run(*args, env=None):
@@ -96,7 +96,7 @@ def test_compare_counts_vine_branches_as_samples(tiny_model, tmp_path):
 
 
 def test_validation_problems_are_never_test_problems():
-    from handrail.tasks import get_task
+    from handrail.data.tasks import get_task
 
     task = get_task("chain")
     test = {q.prompt for q in task.split("test", 200, 4)}
@@ -144,7 +144,7 @@ def test_efficiency_ratio_cases():
 
 
 def test_a_method_spec_carries_its_own_keys_and_grouped_methods_get_groups():
-    from handrail.compare import CompareConfig, method_config
+    from handrail.commands.compare import CompareConfig, method_config
 
     c = CompareConfig(model="m", samples_per_step=16, group_size=4, train="lr=3e-4")
     plain = method_config(c, "self-distill:none+gate=none+lr=1e-5", 0, Path("o"))
@@ -173,7 +173,7 @@ def test_mean_curve_aligns_runs_evaluated_at_different_sample_counts():
 def test_train_keys_reach_the_methods_that_read_them_and_a_spec_key_must_be_read():
     """`train=` and a sweep apply to every method that reads the key; a method's own `+key=value`
     must be one it reads (an ignored option is refused, not silently dropped)."""
-    from handrail.compare import CompareConfig, method_config
+    from handrail.commands.compare import CompareConfig, method_config
 
     c = CompareConfig(model="m", samples_per_step=16, group_size=4, train="kl_coef=0.05,delta=0.5,lr=3e-4")
     sd, grpo = method_config(c, "self-distill", 0, Path("o")), method_config(c, "grpo", 0, Path("o"))

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from handrail.budget import Budget
-from handrail.checkpoint import Checkpoints, NonFinite, State
-from handrail.train import TrainConfig
+from handrail.engine.budget import Budget
+from handrail.runtime.checkpoint import Checkpoints, NonFinite, State
+from handrail.commands.train import TrainConfig
 
 
 # -- budget --------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ class _Method:
 
 @pytest.fixture()
 def saved(tiny_model, tmp_path):
-    from handrail.models import load_model
+    from handrail.runtime.models import load_model
 
     lm, tok, templates = load_model(tiny_model)
     ck = Checkpoints(tmp_path)
@@ -107,12 +107,12 @@ def test_metrics_cut_back_to_the_checkpoint(tmp_path):
 def _run(tiny_model, tmp_path, **kw):
     from accelerate import Accelerator
 
-    from handrail.evaluate import PromptIds
+    from handrail.runtime.evaluate import PromptIds
     from handrail.methods import METHODS, World
-    from handrail.models import HiddenStates, load_model, stop_ids
-    from handrail.parallel import Parallel
-    from handrail.steps import delimiter_table
-    from handrail.train import Run, task_and_records
+    from handrail.runtime.models import HiddenStates, load_model, stop_ids
+    from handrail.runtime.parallel import Parallel
+    from handrail.engine.steps import delimiter_table
+    from handrail.commands.train import Run, task_and_records
 
     cfg = TrainConfig(model=tiny_model, out=str(tmp_path), prompts_per_step=4, max_new_tokens=16, train_n=32,
                       level=2, eval_n=0, rollouts=64, lr=1e-3, **kw)
@@ -128,7 +128,7 @@ def _run(tiny_model, tmp_path, **kw):
 
 @pytest.mark.parametrize("method", ["self-distill", "sft"])
 def test_one_step_moves_the_weights_and_charges_the_budget(tiny_model, tmp_path, method):
-    from handrail.train import step
+    from handrail.commands.train import step
 
     run = _run(tiny_model, tmp_path, method=method)
     before = {n: p.detach().clone() for n, p in run.parallel.lm().named_parameters()}
@@ -143,7 +143,7 @@ def test_one_step_moves_the_weights_and_charges_the_budget(tiny_model, tmp_path,
 
 
 def test_a_nonfinite_step_changes_no_weight_and_enough_of_them_stop(tiny_model, tmp_path):
-    from handrail.train import step
+    from handrail.commands.train import step
 
     run = _run(tiny_model, tmp_path, method="sft", max_nonfinite=2)
     before = {n: p.detach().clone() for n, p in run.parallel.lm().named_parameters()}
@@ -158,8 +158,8 @@ def test_a_nonfinite_step_changes_no_weight_and_enough_of_them_stop(tiny_model, 
 
 
 def test_single_process_optimizer_state_round_trips(tiny_model, tmp_path):
-    from handrail.parallel import Parallel
-    from handrail.train import step
+    from handrail.runtime.parallel import Parallel
+    from handrail.commands.train import step
 
     run = _run(tiny_model, tmp_path, method="sft")
     step(run, State())
@@ -172,8 +172,9 @@ def test_single_process_optimizer_state_round_trips(tiny_model, tmp_path):
 
 
 def test_lean_decoder_false_runs_the_models_own_forward_for_that_run_only(tiny_model, tmp_path, monkeypatch):
-    from handrail import decoder, rollout
-    from handrail.train import train
+    from handrail.engine import decoder
+    from handrail.engine import rollout
+    from handrail.commands.train import train
 
     def refused(*a, **k):
         raise AssertionError("the lean decoder ran")
@@ -192,7 +193,7 @@ def test_lean_decoder_false_runs_the_models_own_forward_for_that_run_only(tiny_m
 def test_a_method_refuses_another_methods_option_and_accepts_its_off_value():
     from handrail import config as C
     from handrail.methods import METHODS
-    from handrail.train import TrainConfig
+    from handrail.commands.train import TrainConfig
 
     with pytest.raises(ValueError, match="config key 'vine_k': method grpo does not read it .*vine"):
         C.build(TrainConfig, overrides={"model": "m", "method": "grpo", "samples_per_prompt": "4", "vine_k": "3"})

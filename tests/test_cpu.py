@@ -4,11 +4,11 @@ import sys
 
 import pytest
 
-from handrail.cpu import user_chose_allocator
+from handrail.runtime.cpu import user_chose_allocator
 
 _FAULTS = """
 import resource, sys, torch
-import handrail.cpu as cpu
+import handrail.runtime.cpu as cpu
 if sys.argv[1] == "keep":
     assert cpu.keep_freed_memory()
 torch.manual_seed(0)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from handrail.curriculum import Brevity
-from handrail.train import TrainConfig, train
+from handrail.methods.curriculum import Brevity
+from handrail.commands.train import TrainConfig, train
 
 
 def test_brevity_schedule_by_hand():

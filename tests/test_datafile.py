@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from handrail import datafile
-from handrail.data import DataError, Record, Templates, parse_row
-from handrail.datafile import Records, facts, load_records, shuffle_references
+from handrail.data import datafile
+from handrail.data.records import DataError, Record, Templates, parse_row
+from handrail.data.datafile import Records, facts, load_records, shuffle_references
 
 ROWS = [
     {"prompt": "2+2", "solution": "2+2=4\n#### 4", "answer": "4"},
@@ -122,7 +122,7 @@ class CharTokenizer:
 
 
 def test_a_prompt_too_long_is_named_before_training_and_truncated_when_asked(tmp_path):
-    from handrail.evaluate import PromptIds, fit_records
+    from handrail.runtime.evaluate import PromptIds, fit_records
 
     tok, t = CharTokenizer(), Templates(student="Q {prompt}", teacher="Q {prompt} H {solution}")
     rows = [{"prompt": f"{i}+{i}", "solution": f"#### {2 * i}"} for i in range(40)]

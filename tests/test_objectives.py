@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from handrail.objectives import (chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk,
+from handrail.engine.objectives import (chunked_sum, clipped_pg_chunk, cross_entropy_chunk, distill_chunk,
                                  naive_sum)
-from handrail.targets import RULES, make_rule
+from handrail.engine.targets import RULES, make_rule
 
 B, T, H, V = 3, 37, 16, 101
 
@@ -57,7 +57,7 @@ def test_chunked_distill_equals_naive(rule, counterfactual):
 @pytest.mark.parametrize("anchor, counterfactual", [(False, False), (True, False), (False, True)])
 def test_fused_distill_equals_naive_in_value_and_gradient(rule, anchor, counterfactual):
     """The gradient taken in forward (p_S - q per position) is the one autograd finds."""
-    from handrail.objectives import fused_distill_sum
+    from handrail.engine.objectives import fused_distill_sum
 
     head, head_T, hidden, hidden_T, mask, _ = setup(3)
     hidden_0 = hidden + 0.3 * torch.randn(B, T, H, generator=torch.Generator().manual_seed(6))
@@ -130,7 +130,7 @@ def test_grpo_loss_variants_average_as_their_papers_say():
 def test_topk_teacher_with_every_token_is_the_full_loss(rule):
     """K = V: the tail bucket is empty and the coarse loss is the full one, value and gradient,
     on the fused path (gradient from the expanded target) and the autograd one."""
-    from handrail.objectives import fused_distill_sum
+    from handrail.engine.objectives import fused_distill_sum
 
     head, head_T, hidden, hidden_T, mask, _ = setup(4)
     hidden_0 = hidden + 0.3 * torch.randn(B, T, H, generator=torch.Generator().manual_seed(8))
@@ -148,7 +148,7 @@ def test_topk_teacher_with_every_token_is_the_full_loss(rule):
 def test_topk_teacher_small_k():
     """K < V: the coarse KL of plain distillation is below the full one (data processing), and the
     fused gradient (p_S minus the expanded target) is the one autograd finds."""
-    from handrail.objectives import fused_distill_sum
+    from handrail.engine.objectives import fused_distill_sum
 
     head, head_T, hidden, hidden_T, mask, _ = setup(5)
     kw = dict(refs=((hidden_T, head_T), None, None))

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from handrail.data import Record
-from handrail.datafile import shuffle_references
-from handrail.probe import probe, verdict
-from handrail.train import TrainConfig
+from handrail.data.records import Record
+from handrail.data.datafile import shuffle_references
+from handrail.commands.probe import probe, verdict
+from handrail.commands.train import TrainConfig
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -76,7 +76,7 @@ def digit_data(tmp_path_factory):
 
 
 def _build(out: Path, data: Path, **recipe) -> str:
-    from handrail.pretrain import PretrainConfig, pretrain
+    from handrail.commands.pretrain import PretrainConfig, pretrain
 
     pretrain(PretrainConfig(out=str(out), data=str(data), max_steps=250, d_model=48, n_layers=2, n_heads=2,
                             batch_size=32, eval_n=8, hard_frac=0.0, **recipe), log=lambda *_: None)
@@ -144,7 +144,7 @@ def _browser():
 
 
 def test_the_page_renders_in_a_headless_browser_and_hovering_shows_the_three_distributions(tiny_model, tmp_path):
-    from handrail.probe_html import write
+    from handrail.commands.probe_html import write
 
     browser = _browser()
     try:

@@ -17,7 +17,7 @@ TINY = ["prompts_per_step=8", "max_new_tokens=24", "eval_n=0", "train_n=64", "le
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_exit_4_and_the_previous_checkpoint_resumes(
         tiny_model, tmp_path, monkeypatch, capsys):
-    import handrail.checkpoint as train_module  # where checkpoints are written
+    import handrail.runtime.checkpoint as train_module  # where checkpoints are written
 
     real, calls = train_module.save_model, []
 

@@ -1,9 +1,9 @@
 import torch
 
-from handrail.evaluate import evaluate, prompt_ids
-from handrail.models import load_model, stop_ids
-from handrail.sources import eval_records
-from handrail.rollout import left_pad, positions, sample
+from handrail.runtime.evaluate import evaluate, prompt_ids
+from handrail.runtime.models import load_model, stop_ids
+from handrail.commands.sources import eval_records
+from handrail.engine.rollout import left_pad, positions, sample
 
 
 def _prompts(tok, tpl, n=6):
@@ -62,7 +62,7 @@ def test_evaluate_reports_all_fields(tiny_model):
 
 
 def _teacher_prompts(tok, tpl, n=6):
-    from handrail.data import teacher_prompt
+    from handrail.data.records import teacher_prompt
 
     _, recs = eval_records("chain", None, level=2, n=n)
     return [tok(teacher_prompt(tok, r, tpl), add_special_tokens=False)["input_ids"] for r in recs]
@@ -70,8 +70,8 @@ def _teacher_prompts(tok, tpl, n=6):
 
 def test_guided_by_itself_is_plain_sampling(tiny_model):
     """With the teacher's distribution equal to the student's, every rule returns p_S."""
-    from handrail.rollout import Guide
-    from handrail.targets import make_rule
+    from handrail.engine.rollout import Guide
+    from handrail.engine.targets import make_rule
 
     model, tok, tpl = load_model(tiny_model)
     ids = _prompts(tok, tpl)
@@ -85,8 +85,8 @@ def test_guided_by_itself_is_plain_sampling(tiny_model):
 def test_guided_with_rule_none_follows_the_teacher_exactly(tiny_model):
     """q = p_T: greedy guided decoding from the student prompt writes what the teacher writes
     greedily from its own prompt, which exercises the second KV cache end to end."""
-    from handrail.rollout import Guide
-    from handrail.targets import make_rule
+    from handrail.engine.rollout import Guide
+    from handrail.engine.targets import make_rule
 
     model, tok, tpl = load_model(tiny_model)
     ids, t_ids = _prompts(tok, tpl), _teacher_prompts(tok, tpl)
@@ -101,7 +101,7 @@ def test_guided_with_rule_none_follows_the_teacher_exactly(tiny_model):
 
 # -- the lean decoding step (decoder.py) ----------------------------------------------------------
 def _stream_logits(model, prompts, lean, steps, room, monkeypatch):
-    import handrail.rollout as R
+    import handrail.engine.rollout as R
 
     monkeypatch.setattr(R.decoder, "LEAN", lean)
     g = torch.Generator().manual_seed(1)
@@ -132,7 +132,7 @@ def test_lean_step_matches_the_models_forward(tiny_model, monkeypatch):
     the prompt's (the lean prefill) on."""
     import pytest
 
-    import handrail.decoder as D
+    import handrail.engine.decoder as D
 
     models = [("tiny", load_model(tiny_model)[0].eval()), ("llama-gqa", _arch("llama-gqa")), ("qwen2", _arch("qwen2")),
               ("bf16", _arch("llama-gqa").to(torch.bfloat16))]
@@ -171,9 +171,9 @@ def test_lean_pass_without_gradient_matches_the_models_forward(tiny_model, monke
     """decoder.hidden_states (a teacher's or reference's pass: HiddenStates with a span, no grad)
     against the model's own forward: every architecture the lean path takes, padded and unpadded
     rows, spans from one column to all but the first, with sdpa and with the direct attention."""
-    import handrail.decoder as D
-    from handrail.models import HiddenStates
-    from handrail.rollout import positions
+    import handrail.engine.decoder as D
+    from handrail.runtime.models import HiddenStates
+    from handrail.engine.rollout import positions
 
     calls = []
     lean = D.hidden_states
@@ -201,9 +201,9 @@ def test_lean_training_forward_has_the_models_gradient(tiny_model, monkeypatch):
     """With a gradient (the student's forward for the loss), the lean pass gives every parameter
     the gradient the model's own forward gives; with activation checkpointing, which only the
     model's forward does, the model's forward runs."""
-    import handrail.decoder as D
-    from handrail.models import HiddenStates
-    from handrail.rollout import positions
+    import handrail.engine.decoder as D
+    from handrail.runtime.models import HiddenStates
+    from handrail.engine.rollout import positions
 
     calls = []
     lean = D.hidden_states
@@ -241,8 +241,8 @@ def test_lean_training_forward_has_the_models_gradient(tiny_model, monkeypatch):
 
 
 def test_lean_step_declines_what_it_does_not_know(tiny_model):
-    from handrail.decoder import supported
-    from handrail.models import add_lora
+    from handrail.engine.decoder import supported
+    from handrail.runtime.models import add_lora
 
     model = load_model(tiny_model)[0]
     assert supported(model)
@@ -265,7 +265,7 @@ def test_lean_step_declines_what_it_does_not_know(tiny_model):
 
 
 def test_sampling_is_the_same_with_and_without_the_lean_step(tiny_model, monkeypatch):
-    import handrail.rollout as R
+    import handrail.engine.rollout as R
 
     model, tok, tpl = load_model(tiny_model)
     ids = _prompts(tok, tpl)

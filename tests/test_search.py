@@ -8,9 +8,9 @@ import random
 import pytest
 
 from handrail.cli import main
-from handrail.data import Record
-from handrail.search import Node, Problem, SearchConfig, Searcher, priors_from_logps, puct_index
-from handrail.tasks import get_task
+from handrail.data.records import Record
+from handrail.methods.search import Node, Problem, SearchConfig, Searcher, priors_from_logps, puct_index
+from handrail.data.tasks import get_task
 
 
 def test_puct_by_hand():

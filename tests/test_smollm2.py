@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from handrail.data import Record
-from handrail.evaluate import evaluate
-from handrail.models import load_model, smollm2_folder
+from handrail.data.records import Record
+from handrail.runtime.evaluate import evaluate
+from handrail.runtime.models import load_model, smollm2_folder
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_loads_offline_and_answers_through_its_chat_template(smol):
 
 
 def test_a_few_lora_self_distillation_steps_then_reload(smol, tmp_path):
-    from handrail.train import TrainConfig, train
+    from handrail.commands.train import TrainConfig, train
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "What is 12+30?", "solution": "12+30=42\\n#### 42"}\n'

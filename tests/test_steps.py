@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from handrail.methods import branch_points, step_advantages
-from handrail.steps import delimiter_table, split_steps, step_ends
-from handrail.tasks import get_task
-from handrail.verifiers import FileTask
+from handrail.engine.steps import delimiter_table, split_steps, step_ends
+from handrail.data.tasks import get_task
+from handrail.data.verifiers import FileTask
 
 
 def test_split_steps_keeps_delimiters_and_a_last_open_step():
@@ -18,7 +18,7 @@ def test_split_steps_keeps_delimiters_and_a_last_open_step():
 
 
 def test_step_ends_on_token_ids(tiny_model):
-    from handrail.models import load_model
+    from handrail.runtime.models import load_model
 
     _, tok, _ = load_model(tiny_model)
     table = delimiter_table(tok)
@@ -84,13 +84,13 @@ def test_vine_values_are_means_of_their_continuations(tiny_model, monkeypatch):
     """Every continuation solves the problem (a stand-in sampler): each branch point's value is 1,
     so a failed one-line rollout, branched only at its start (twice), gets advantage exactly -1
     on its tokens, and a solved multi-line one gets 0 everywhere."""
-    import handrail.rollout as R
-    from handrail.data import records_from_task
-    from handrail.evaluate import prompt_ids
+    import handrail.engine.rollout as R
+    from handrail.data.records import records_from_task
+    from handrail.runtime.evaluate import prompt_ids
     from handrail.methods import Vine, World
-    from handrail.models import load_model
-    from handrail.rollout import given_rollout
-    from handrail.train import TrainConfig
+    from handrail.runtime.models import load_model
+    from handrail.engine.rollout import given_rollout
+    from handrail.commands.train import TrainConfig
 
     lm, tok, templates = load_model(tiny_model)
     task = get_task("chain")

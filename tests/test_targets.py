@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from handrail.targets import RULES, geometric, kl, make_rule, none, support, trust_region
+from handrail.engine.targets import RULES, geometric, kl, make_rule, none, support, trust_region
 
 V = 50
 
@@ -199,7 +199,7 @@ def test_a_counterfactual_teacher_cancels_what_any_reference_makes_it_say(name):
     """The guessing case again, but the teacher shown a *wrong* reference puts as much on token 0
     (stating an answer first is what any reference invites): the counterfactual teacher gives every
     rule a fixed point at the initial student, where plain teachers moved the guess to the mode."""
-    from handrail.targets import counterfactual
+    from handrail.engine.targets import counterfactual
 
     S0, T = guessing_case(eps=0.05)
     E = counterfactual(T, T.clone(), S0)
@@ -212,7 +212,7 @@ def test_a_counterfactual_teacher_keeps_what_only_the_right_reference_gives():
     """Where only the right reference favours a token (2 over 1), the per-step fixed point is the
     initial student tilted towards it by exactly that evidence, and the format both teachers share
     (token 0) moves nowhere."""
-    from handrail.targets import counterfactual
+    from handrail.engine.targets import counterfactual
 
     S0, T = guessing_case(eps=0.05)
     C = T.clone()

@@ -3,10 +3,10 @@ import random
 
 import pytest
 
-from handrail.data import DataError, Record, Templates, hint_for, reference_answer, student_prompt, teacher_prompt
-from handrail.datafile import load_records
-from handrail.answers import extract_answer
-from handrail.tasks import TASKS, get_task
+from handrail.data.records import DataError, Record, Templates, hint_for, reference_answer, student_prompt, teacher_prompt
+from handrail.data.datafile import load_records
+from handrail.data.answers import extract_answer
+from handrail.data.tasks import TASKS, get_task
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -129,7 +129,7 @@ def test_common_layouts_load_as_they_are_and_fields_map_the_rest(tmp_path):
 
 
 def test_verifiers_exact_math_and_a_users_function(tmp_path, monkeypatch):
-    from handrail.verifiers import FileTask, load
+    from handrail.data.verifiers import FileTask, load
 
     exact = FileTask("exact")
     assert exact.verify("2+2=4\n#### 4", "4") and not exact.verify("#### 5", "4")
@@ -203,9 +203,9 @@ def test_prompts_use_templates_and_chat_template():
 
 
 def test_hinted_only_levels_are_never_shown_to_the_student_alone():
-    from handrail.data import records_from_task
-    from handrail.models import build_char_tokenizer
-    from handrail.pretrain import PretrainConfig, build_examples
+    from handrail.data.records import records_from_task
+    from handrail.runtime.models import build_char_tokenizer
+    from handrail.commands.pretrain import PretrainConfig, build_examples
 
     task = get_task("chain")
     recs = records_from_task(task.split("train", 40, 2, seed=0) + task.split("train", 40, 5, seed=0))
@@ -220,7 +220,7 @@ def test_hinted_only_levels_are_never_shown_to_the_student_alone():
 
 
 def test_hardest_records_of_a_data_file_are_whole_lengths_from_the_longest_down():
-    from handrail.pretrain import hardest
+    from handrail.commands.pretrain import hardest
 
     def rec(i, lines):
         return Record(f"p{i}", "\n".join(["1+1=2"] * lines + ["#### 2"]), source=f"f:{i}")
@@ -243,7 +243,7 @@ def test_hardest_records_of_a_data_file_are_whole_lengths_from_the_longest_down(
 
 
 def test_band_names_the_side_that_was_missed():
-    from handrail.pretrain import band
+    from handrail.commands.pretrain import band
 
     assert band(0.2, 0.9)["ok"]
     assert "too little to learn from" in band(0.01, 0.9)["message"]
@@ -257,9 +257,9 @@ def test_band_names_the_side_that_was_missed():
 def test_pretraining_examples_teach_the_teacher_to_copy_on_path_and_work_from_a_slip():
     """A detour example learns the reference's steps while on its path and the correct steps after
     a slip, and never the slip itself; the student's own solutions carry the misconception."""
-    from handrail.data import records_from_task
-    from handrail.models import build_char_tokenizer
-    from handrail.pretrain import PretrainConfig, build_examples, collate
+    from handrail.data.records import records_from_task
+    from handrail.runtime.models import build_char_tokenizer
+    from handrail.commands.pretrain import PretrainConfig, build_examples, collate
 
     task = get_task("chain")
     recs = records_from_task(task.split("train", 60, 4, seed=0))
@@ -282,9 +282,9 @@ def test_pretraining_examples_teach_the_teacher_to_copy_on_path_and_work_from_a_
 
 
 def test_sum_detours_include_other_orders_and_slips():
-    from handrail.data import records_from_task
-    from handrail.models import build_char_tokenizer
-    from handrail.pretrain import PretrainConfig, build_examples
+    from handrail.data.records import records_from_task
+    from handrail.runtime.models import build_char_tokenizer
+    from handrail.commands.pretrain import PretrainConfig, build_examples
 
     task = get_task("sum")
     recs = records_from_task(task.split("train", 40, 3, seed=0))
@@ -310,7 +310,7 @@ class CountingTokenizer:
 
 
 def test_prompt_ids_are_made_once_per_prompt_text_within_the_budget():
-    from handrail.evaluate import PromptIds, prompt_ids
+    from handrail.runtime.evaluate import PromptIds, prompt_ids
 
     tok, t = CountingTokenizer(), Templates(student="Q {prompt}", teacher="Q {prompt} H {solution}")
     recs = [Record(f"{i}+{i}", f"#### {2 * i}") for i in range(5)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from handrail.train import TrainConfig, train
+from handrail.commands.train import TrainConfig, train
 
 TINY = dict(rollouts=32, prompts_per_step=8, max_new_tokens=24, eval_n=8, train_n=64, level=2,
             eval_every=2, checkpoint_every=2, lr=1e-3)
@@ -75,12 +75,12 @@ def test_each_method_runs_and_writes_a_run_folder(tiny_model, tmp_path, kw):
 def test_hybrids_route_each_rollout_by_its_reward(tiny_model):
     """SRPO: a solved rollout gets only the policy gradient, a failed one only distillation. RLSD:
     the teacher scales a token's advantage within 1 +- eps and never flips its sign."""
-    from handrail.data import records_from_task
-    from handrail.evaluate import prompt_ids
+    from handrail.data.records import records_from_task
+    from handrail.runtime.evaluate import prompt_ids
     from handrail.methods import RLSD, SRPO, World
-    from handrail.models import HiddenStates, load_model
-    from handrail.rollout import given_rollout
-    from handrail.tasks import get_task
+    from handrail.runtime.models import HiddenStates, load_model
+    from handrail.engine.rollout import given_rollout
+    from handrail.data.tasks import get_task
 
     task = get_task("chain")
     lm, tok, templates = load_model(tiny_model)
@@ -146,8 +146,8 @@ def test_rules_reading_the_initial_student_see_it_and_not_the_current_one(tiny_m
 
 
 def test_reference_scenarios_change_what_the_records_carry():
-    from handrail.tasks import get_task
-    from handrail.train import task_and_records
+    from handrail.data.tasks import get_task
+    from handrail.commands.train import task_and_records
 
     task = get_task("chain")
     full = task_and_records(TrainConfig(model="m", train_n=5, eval_n=0))[1]
@@ -181,7 +181,7 @@ def test_lora_trains_an_adapter_that_reloads_merges_and_resumes(tiny_model, tmp_
     (no copy); the folder reloads onto its base, the merged model matches it, resume is exact."""
     pytest.importorskip("peft")
     from handrail.config import build
-    from handrail.models import load_model
+    from handrail.runtime.models import load_model
 
     kw = dict(lora_r=4, lora_alpha=8, lr=1e-2, rollouts=64)
     train(cfg(tiny_model, tmp_path / "full", lora_merge=True, **kw), log=lambda *_: None)
@@ -213,7 +213,7 @@ def test_lora_trains_an_adapter_that_reloads_merges_and_resumes(tiny_model, tmp_
 def test_a_data_runs_verifier_grades_the_rewards_and_the_evaluation(tiny_model, tmp_path, monkeypatch):
     """verifier=module:function reaches GRPO's reward and the held-out evaluation of a data run,
     on a GSM8K-style file read as it is: a verifier that accepts everything scores 100%."""
-    from handrail.tasks import get_task
+    from handrail.data.tasks import get_task
 
     problems = get_task("chain").split("train", 24, level=2)
     data = tmp_path / "gsm.jsonl"
@@ -320,7 +320,7 @@ def test_a_fresh_run_never_mixes_with_an_old_one(tiny_model, tmp_path):
 def test_a_run_that_blows_up_stops_and_never_saves_nan(tiny_model, tmp_path):
     """lr=1e30 makes the first update's weights infinite: the run stops with a clear error, no
     checkpoint or final model with a non-finite weight exists, and metrics stay strict JSON."""
-    from handrail.train import NonFinite
+    from handrail.commands.train import NonFinite
 
     out = tmp_path / "r"
     with pytest.raises(NonFinite, match="no longer finite|non-finite"):
@@ -337,7 +337,7 @@ def test_a_base_with_a_nan_weight_is_refused(tiny_model, tmp_path):
 
     from safetensors.torch import save_file
 
-    from handrail.models import ModelError, load_model
+    from handrail.runtime.models import ModelError, load_model
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_model, bad)
@@ -413,7 +413,7 @@ def test_checkpointing_and_bf16_stay_close_to_fp32(tiny_model, tmp_path, kw, tol
     if kw.get("grad_checkpointing"):
         # the default training forward is the lean one (decoder.hidden_states), which runs no module;
         # the model's own forward, as checkpointing takes, without the recompute:
-        import handrail.decoder as D
+        import handrail.engine.decoder as D
 
         with monkeypatch.context() as m:
             m.setattr(D, "checkpointing", lambda model: True)
@@ -435,8 +435,8 @@ def test_checkpointing_and_bf16_stay_close_to_fp32(tiny_model, tmp_path, kw, tol
 def test_srpo_keeps_one_frozen_copy(tiny_model):
     """With a KL reference and a frozen teacher, both are the same initial model: one copy."""
     from handrail.methods import SRPO
-    from handrail.models import load_model
-    from handrail.tasks import get_task
+    from handrail.runtime.models import load_model
+    from handrail.data.tasks import get_task
 
     lm, tok, templates = load_model(tiny_model)
     srpo = SRPO(cfg(tiny_model, "unused", method="srpo", samples_per_prompt=4, prompts_per_step=1, kl_coef=0.05),
@@ -447,7 +447,7 @@ def test_srpo_keeps_one_frozen_copy(tiny_model):
 def test_expert_iteration_counts_every_searched_sequence(tiny_model, tmp_path):
     """The search's samples are the budget: the run stops at the first step that spends it, and
     the policy learns from the visit counts (its weights move)."""
-    from handrail.tasks import get_task
+    from handrail.data.tasks import get_task
 
     data = tmp_path / "d.jsonl"  # a data file: steps are checked for form only, so the tiny model has some
     data.write_text("".join(json.dumps({"prompt": p.prompt, "solution": p.solution}) + "\n"
@@ -465,7 +465,7 @@ def test_expert_iteration_counts_every_searched_sequence(tiny_model, tmp_path):
 
 
 def test_optimizer_state_keys_translate_both_ways_even_before_a_step():
-    from handrail.sharding import by_name, by_position
+    from handrail.runtime.sharding import by_name, by_position
 
     policy = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     policy[0].bias.requires_grad_(False)
@@ -501,11 +501,11 @@ def test_the_shipped_config_presets_build():
 def test_the_counterfactual_teacher_reads_another_problems_reference(tiny_model):
     """Each row's counterfactual prompt is its own problem with the next distinct problem's
     reference, and the target built from it differs from the plain teacher's."""
-    from handrail.data import records_from_task, teacher_prompt
+    from handrail.data.records import records_from_task, teacher_prompt
     from handrail.methods import METHODS, World
-    from handrail.models import load_model
-    from handrail.rollout import given_rollout
-    from handrail.tasks import get_task
+    from handrail.runtime.models import load_model
+    from handrail.engine.rollout import given_rollout
+    from handrail.data.tasks import get_task
 
     lm, tok, tpl = load_model(tiny_model)
     recs = records_from_task(get_task("chain").split("train", 3, 2, seed=0))
@@ -525,10 +525,10 @@ def test_the_counterfactual_teacher_reads_another_problems_reference(tiny_model)
 
 
 def test_guided_rollouts_for_the_first_part_of_training_only(tiny_model):
-    from handrail.data import records_from_task
+    from handrail.data.records import records_from_task
     from handrail.methods import METHODS
-    from handrail.models import load_model
-    from handrail.tasks import get_task
+    from handrail.runtime.models import load_model
+    from handrail.data.tasks import get_task
 
     lm, tok, tpl = load_model(tiny_model)
     recs = records_from_task(get_task("chain").split("train", 2, 2, seed=0))
@@ -544,9 +544,9 @@ def test_counterfactual_auto_turns_on_only_for_a_teacher_that_states_the_answer_
     """The default `counterfactual=auto` reads the teacher's and the student's leak rates (greedy,
     on training records) and turns the counterfactual teacher on only when the teacher's is higher
     beyond chance; methods with no teacher target, or one problem a step, never get it."""
-    import handrail.train as T
-    from handrail.data import records_from_task
-    from handrail.tasks import get_task
+    import handrail.commands.train as T
+    from handrail.data.records import records_from_task
+    from handrail.data.tasks import get_task
 
     recs = records_from_task(get_task("chain").split("train", 32, 2, seed=0))
     leaks = {}

@@ -12,8 +12,8 @@ from trl.experimental.sdft import SDFTTrainer  # noqa: E402
 from trl.experimental.sdft.sdft_trainer import DistillationLogits  # noqa: E402
 
 from handrail.methods import until_divergence  # noqa: E402
-from handrail.objectives import distill_chunk  # noqa: E402
-from handrail.trl_target import HandrailSDFTTrainer, make_target  # noqa: E402
+from handrail.engine.objectives import distill_chunk  # noqa: E402
+from handrail.commands.trl_target import HandrailSDFTTrainer, make_target  # noqa: E402
 
 
 def batch(seed=0, B=3, T=7, V=11):
@@ -79,9 +79,9 @@ def test_one_training_step_inside_trls_trainer(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl.experimental.sdft import SDFTConfig
 
-    from handrail.models import load_model
-    from handrail.data import student_prompt, teacher_prompt
-    from handrail.sources import eval_records
+    from handrail.runtime.models import load_model
+    from handrail.data.records import student_prompt, teacher_prompt
+    from handrail.commands.sources import eval_records
 
     _, tok, tpl = load_model(tiny_model)
     _, recs = eval_records("chain", None, n=4, level=2)
