@@ -135,7 +135,7 @@ def method_config(cfg: CompareConfig, spec: str, seed: int, out: Path, scenario:
         raise C.ConfigError(f"config key 'train': {bad!r} is not key=value")
     extra, chosen = dict(item.split("=", 1) for item in extra), dict(chosen or {})
     if kind is not None:  # `train=` and a swept key apply to every method that reads them, not to the others
-        theirs = frozenset().union(*(m.reads() for m in METHODS.values())) - kind.reads()
+        theirs = kind.foreign()
         extra, chosen = ({k: v for k, v in d.items() if k.strip() not in theirs} for d in (extra, chosen))
     built = C.build(TrainConfig, overrides={**kw, **extra, **dict(item.split("=", 1) for item in own), **chosen})
     if built.rollouts_per_step != cfg.samples_per_step and "eval_every" not in (chosen or {}):

@@ -10,9 +10,7 @@ the rollout accounting and the evaluation are shared.
 
 from __future__ import annotations
 
-from handrail.methods.base import (METHODS, OFF, DistillSignal, HybridSignal, Method,  # noqa: F401
-                                   PolicySignal, TokenSignal, World, completion_hidden, foreign_option,
-                                   until_divergence)
+from handrail.methods.base import METHODS, Method, World, completion_hidden, until_divergence  # noqa: F401
 
 # Each import registers a method under the name a config gives it (`class X(Method, name=...)`),
 # in this order; one file per method.

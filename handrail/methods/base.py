@@ -111,8 +111,7 @@ def foreign_option(method: type[Method], cfg) -> str | None:
     from dataclasses import fields
 
     defaults = {f.name: f.default for f in fields(cfg)}
-    others = frozenset().union(*(m.reads() for m in METHODS.values())) - method.reads()
-    return next((key for key in sorted(others)
+    return next((key for key in sorted(method.foreign())
                  if getattr(cfg, key) not in (defaults[key], OFF.get(key, defaults[key]))), None)
 
 
@@ -142,6 +141,11 @@ class Method:
     def reads(cls) -> frozenset[str]:
         """Its own options and those of the methods it extends."""
         return frozenset().union(*(vars(k).get("options", frozenset()) for k in cls.__mro__))
+
+    @classmethod
+    def foreign(cls) -> frozenset[str]:
+        """The options other methods read and this one does not."""
+        return frozenset().union(*(m.reads() for m in METHODS.values())) - cls.reads()
 
     @staticmethod
     def rollouts_per_sample(cfg) -> int:
