@@ -1,5 +1,5 @@
 """Decoding speed of a model's KV-cached step, eager against `torch.compile` with a static cache
-(BENCHMARKS.md §L7): milliseconds per generated token for a batch, and the compile time.
+(benchmarks/HISTORY.md §10): milliseconds per generated token for a batch, and the compile time.
 
     python benchmarks/compile_decode.py --model runs/base-s1 [--batch 16] [--tokens 48] [--threads 1]
 """

@@ -1,5 +1,5 @@
 """A self-distillation step's parts on one real batch, as handrail runs them now and as it ran them
-before the direct attention, the lean training forward and fused AdamW (BENCHMARKS.md §L7),
+before the direct attention, the lean training forward and fused AdamW (benchmarks/HISTORY.md §11),
 interleaved in one process.
 
     python benchmarks/step_parts.py [--model runs/base] [--rollouts 16] [--rounds 15] [--threads 2]

@@ -147,7 +147,7 @@ class TrainConfig:
     threads: int = 0  # torch threads per process (0 = leave as is)
     max_nonfinite: int = 3  # a non-finite loss or gradient skips the step; this many in a row stop the run
     truncate: str = "error"  # a prompt too long for the model's positions: error (naming the record) | left (keep its end)
-    lean_decoder: bool = True  # sample and run the passes without gradient through decoder.py where the model allows it (Llama/Qwen2 with sdpa, no hooks, plain weights; else the model's own forward): same tokens, about 2x the sampling speed on small models. false: the model's forward everywhere
+    lean_decoder: bool = True  # sample, run the teacher's pass and the student's training forward through decoder.py where the model allows it (Llama/Qwen2 with sdpa, no hooks, plain weights; else the model's own forward): same tokens, about 2x the sampling speed on small models. false: the model's forward everywhere
 
     RANGES = {
         "ema_decay": "[0, 1]", "lam": "[0, 1]", "delta": "[0, )", "tau": "[0, 1]", "lam_max": "[0, 1]",

@@ -286,7 +286,7 @@ def _prompt_mask(attn: torch.Tensor, dtype) -> torch.Tensor:
 # sdpa's CPU kernel (flash attention) pays a fixed cost per call and per block that, for short
 # sequences, outweighs the arithmetic: on the lab's model (16 rows, 4 heads of 32) a layer's
 # attention took 0.58 ms against 0.31 ms done directly at 51 columns, and forward with backward 2.3
-# against 1.4 ms; the two meet near 250 columns (BENCHMARKS.md §L7). So float32 attention over at
+# against 1.4 ms; the two meet near 250 columns (benchmarks/HISTORY.md §11). So float32 attention over at
 # most MATH_KEYS keys, with at most MATH_SCORES scores in all (the direct way holds them, and
 # backward keeps them), is computed as products and a softmax. The same function to float
 # rounding, not to the bit. 0 turns it off (tests and benchmarks compare the two).

@@ -5,7 +5,7 @@ large one (above 128 KiB, a threshold it raises only as it sees such blocks free
 mmap and hands it back on free, and it returns the free top of its heap to the OS once that
 exceeds a threshold: so step after step the same tensors land on new pages, and every new page
 costs a fault, 3–11 µs on the virtual machine this was measured on, where a self-distillation
-step on the lab's model took 1,042–3,478 of them (BENCHMARKS.md §L7). With the mmap threshold
+step on the lab's model took 1,042–3,478 of them (benchmarks/HISTORY.md §10). With the mmap threshold
 fixed at glibc's maximum (32 MiB) and the heap kept, a step reuses the pages the previous one
 freed: 34–48 faults a step there.
 

@@ -283,7 +283,7 @@ class HiddenStates(torch.nn.Module):
         `loss(head, hidden)` computed here, inside the module DDP/FSDP/peft wrap. A span (the
         completion's columns: a teacher's pass, a reference's, the student's training forward) goes
         through decoder.hidden_states where the architecture allows: the model's operations without
-        its framework, its last layer at the span only (BENCHMARKS.md §L7). Activation checkpointing
+        its framework, its last layer at the span only (benchmarks/HISTORY.md §11). Activation checkpointing
         is the model's own, so with it the training forward stays the model's."""
         if (span is not None and decoder.LEAN and decoder.supported(self.lm)
                 and not (torch.is_grad_enabled() and decoder.checkpointing(self.lm))):
