@@ -105,6 +105,33 @@ def test_the_verdict_flips_between_a_teacher_that_ignores_the_reference_and_one_
         assert r["n"] == 48 and 0 <= r["aggregate"]["moved"] <= 1 and r["aggregate"]["tokens"] > 0
 
 
+def test_one_decoding_loop_gives_the_figures_of_the_passes_one_by_one(tiny_model):
+    """probe's joint_passes (every pass in one loop, chunks of records, finished rows dropped) against
+    evaluate, sample and aggregate_stats run one after another: the same pass@1 and leak, the same
+    attempts (tokens counted), the same movement to float rounding, the same page, for the rule
+    read with and without the counterfactual teacher and both gates."""
+    import handrail.commands.probe as P
+
+    for over in (dict(), dict(counterfactual="shuffled", gate="point"), dict(counterfactual="none", rule="none")):
+        cfg = TrainConfig(model=tiny_model, max_new_tokens=20, **over)
+        old_chunk, P.CHUNK = P.CHUNK, 7  # 20 records: three chunks, the last a short one
+        try:
+            joint = probe(cfg, n=20, html_attempts=3, log=lambda *_: None)
+        finally:
+            P.CHUNK = old_chunk
+        apart = probe(cfg, n=20, html_attempts=3, log=lambda *_: None, separate=True)
+        for key in ("student", "teacher", "shuffled", "answer_only"):
+            assert joint[key] == apart[key], (over, key)
+        a, b = joint["aggregate"], apart["aggregate"]
+        assert a["tokens"] == b["tokens"] > 0 and a["counterfactual"] == b["counterfactual"]
+        for k in ("raw_kl", "kl", "moved", "gated", "gated_share_of_movement"):
+            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(b[k])), (over, k, a[k], b[k])
+        assert [len(x["tokens"]) for x in joint["attempts"]] == [len(x["tokens"]) for x in apart["attempts"]]
+        assert [[t["text"] for t in x["tokens"]] for x in joint["attempts"]] == \
+               [[t["text"] for t in x["tokens"]] for x in apart["attempts"]]
+        assert joint["verdict"] == apart["verdict"]
+
+
 def test_probe_command_prints_a_verdict_and_writes_json_and_a_page(tiny_model, tmp_path):
     page = tmp_path / "probe.html"
     p = subprocess.run([sys.executable, "-m", "handrail.cli", "probe", "--model", tiny_model, "--n", "6",

@@ -156,6 +156,34 @@ def test_lean_step_matches_the_models_forward(tiny_model, monkeypatch):
                     assert torch.allclose(_stream_logits(model, other, True, 40, 8, monkeypatch), ref, atol=1e-5)
 
 
+def test_joined_decoders_step_as_the_parts_do_and_dropped_rows_leave_the_rest_alone(tiny_model):
+    """LeanDecoder.join: batches encoded apart at their own widths (one given twice), then stepped as
+    one, give each part's logits; keep() drops rows and the others go on unchanged."""
+    import handrail.engine.decoder as D
+
+    for name, model in _models(tiny_model):
+        V, g = model.config.vocab_size, torch.Generator().manual_seed(2)
+        batches = [[[3, 4, 5, 6, 7], [8, 9]], [[5] * 9, [6, 7, 8, 9, 10, 11, 12, 13, 14], [3]]]
+        tol = 1e-2 if name == "bf16" else 1e-5
+        with torch.no_grad():
+            parts = [D.LeanDecoder(model, *left_pad(b, 0), 4) for b in batches]
+            alone = [D.LeanDecoder(model, *left_pad(b, 0), 4) for b in batches + batches[:1]]
+            joined = D.LeanDecoder.join(parts + parts[:1])
+            got, want = [joined.logits], [torch.cat([a.logits for a in alone])]
+            rows = torch.arange(7)
+            for step in range(10):  # past the room given: the joined buffers grow
+                tok = torch.randint(3, V, (7,), generator=g)
+                want.append(torch.cat([a.step(t) for a, t in zip(alone, tok.split([2, 3, 2]))]))
+                if step == 4:  # the second part's rows and one of the copy's stop
+                    rows = torch.tensor([0, 1, 5])
+                    joined.keep(rows)
+                got.append(torch.zeros_like(want[-1]).index_copy_(0, rows, joined.step(tok[rows])))
+            for step, (a, b) in enumerate(zip(got, want)):
+                kept = torch.arange(7) if step <= 4 else rows  # got[k]: after k steps
+                assert torch.allclose(a[kept], b[kept], atol=tol, rtol=tol), (name, step, (a - b)[kept].abs().max())
+            assert not torch.allclose(got[6][2], want[6][2], atol=tol)  # a dropped row is not computed
+
+
 def _padded_batch(V, lengths):
     T = max(lengths)
     ids = torch.tensor([[0] * (T - n) + [(5 * i + j) % (V - 3) + 3 for j in range(n)] for i, n in enumerate(lengths)])

@@ -21,6 +21,11 @@ aggregate (the training config's rule) moves the student, and the share the dive
 silences; for the embedded tasks, whether the teacher continues from a student's slip or copies
 the reference's numbers. It ends with a one-line verdict and its reason. `html_report` draws the
 attempts token by token (probe_html.py).
+
+On a model the lean decoder takes, all of this is one decoding loop per chunk of records
+(`joint_passes`): a step of many rows costs a small model little more than a step of few, and
+the passes share their prompts' encodings, so the probe is faster than its passes one by one
+(1.3× on SmolLM2: BENCHMARKS.md §P2), with the same figures to float rounding.
 """
 
 from __future__ import annotations
@@ -28,19 +33,20 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import replace
 
 import torch
 
 from handrail.errors import UsageError
-from handrail.data.records import Record, hint_for, reference_answer, teacher_prompt
+from handrail.data.records import Record, reference_answer, teacher_prompt
 from handrail.data.datafile import shuffle_references
-from handrail.runtime.evaluate import evaluate, fit_records, prompt_ids, prompt_limit
+from handrail.runtime.evaluate import evaluate, fit_records, is_correct, is_leak, prompt_ids, prompt_limit
 from handrail.runtime.models import HiddenStates, load_model, stop_ids
-from handrail.engine.rollout import sample
+from handrail.engine import decoder
+from handrail.engine.rollout import choose, completion_texts, gumbel_noise, left_pad, sample
 from handrail.engine.targets import counterfactual, kl as kl_div
 
 TOP = 3  # most likely next tokens kept per position for the HTML view
+CHUNK = 64  # records whose passes decode as one batch (seven rows each: joint_passes)
 
 
 def _margin(p: float, q: float, n: int) -> float:
@@ -96,6 +102,14 @@ def verdict(r: dict) -> tuple[str, str]:
 
 def _scores(res: dict) -> dict:
     return {"strict": res["accuracy"], "lenient": res["accuracy_lenient"], "leak": res["leak_rate"]}
+
+
+def _greedy_scores(texts: list[str], records: list[Record], task) -> dict:
+    """`_scores` of greedy completions, scored as `evaluate` scores them."""
+    n = len(records)
+    return {"strict": sum(is_correct(t, r, task) for t, r in zip(texts, records)) / n,
+            "lenient": sum(is_correct(t, r, task, lenient=True) for t, r in zip(texts, records)) / n,
+            "leak": sum(is_leak(t, r, task) for t, r in zip(texts, records)) / n}
 
 
 @torch.no_grad()
@@ -154,16 +168,117 @@ def aggregate_stats(model, tokenizer, student_ids, teacher_ids, rollout, rule, g
 
 def _tokens(tokenizer, ids, mask, moved, silenced, logp_S, logp_T, logq) -> list[dict]:
     """One attempt, token by token, for the HTML view."""
-    n = int(mask.sum().item())
-    out = []
-    for t in range(n):
-        row = {"text": tokenizer.decode([int(ids[t])]), "moved": round(float(moved[t]), 4),
-               "silenced": bool(silenced[t] > 0)}
-        for name, lp in (("student", logp_S[t]), ("teacher", logp_T[t]), ("target", logq[t])):
-            p, idx = lp.exp().topk(TOP)
-            row[name] = [[tokenizer.decode([int(j)]), round(float(v), 3)] for v, j in zip(p, idx)]
-        out.append(row)
-    return out
+    return [_token(tokenizer, ids[t], moved[t], silenced[t], logp_S[t], logp_T[t], logq[t])
+            for t in range(int(mask.sum().item()))]
+
+
+def _token(tokenizer, token, moved, silenced, logp_S, logp_T, logq) -> dict:
+    """One position of an attempt: its text, how far the aggregate moves the student there, whether
+    the gate silences it, and the student's, the teacher's and the target's most likely tokens."""
+    row = {"text": tokenizer.decode([int(token)]), "moved": round(float(moved), 4), "silenced": bool(silenced > 0)}
+    for name, lp in (("student", logp_S), ("teacher", logp_T), ("target", logq)):
+        p, idx = lp.exp().topk(TOP)
+        row[name] = [[tokenizer.decode([int(j)]), round(float(v), 3)] for v, j in zip(p, idx)]
+    return row
+
+
+class _Movement:
+    """The aggregate's statistics over attempts, one position at a time (what aggregate_stats
+    computes from whole sequences), and the first `keep` attempts token by token."""
+
+    def __init__(self, tokenizer, rule, gate: str, gate_prob: float, intervene_kl: float, keep: int):
+        self.tokenizer, self.rule, self.gate, self.gate_prob, self.intervene_kl = tokenizer, rule, gate, gate_prob, intervene_kl
+        self.sums = dict(tokens=0.0, raw_kl=0.0, kl=0.0, moved=0.0, gated=0.0, gated_kl=0.0)
+        self.keep, self.shown = keep, []
+
+    def begin(self, rows: int) -> None:
+        """A new chunk of `rows` attempts: the gate's memory starts over, and the first ones are drawn
+        token by token while fewer than `keep` have been."""
+        self.off = torch.zeros(rows, dtype=torch.bool)  # the teacher has already left this attempt (the gate)
+        self.drawn = [[] for _ in range(min(self.keep - len(self.shown), rows))]
+        self.shown += self.drawn
+
+    def add(self, logp_S, logp_T, teacher, tokens, alive, which) -> None:
+        """One position of the attempts `which` (their indices in the chunk): the student's and the
+        teacher's log-probs (rows, V), the teacher the rule reads (the counterfactual one, or
+        logp_T), the tokens sampled there and which attempts had not stopped before it."""
+        logq = self.rule(logp_S[:, None], teacher[:, None], None)[:, 0]
+        raw, moved = kl_div(logp_T, logp_S), kl_div(logq, logp_S)
+        kept = alive
+        if self.gate != "none":  # until_divergence, a position at a time
+            left = (logp_T.gather(-1, tokens[:, None]).squeeze(-1) < math.log(self.gate_prob)) & alive
+            kept = alive & ~self.off[which] & (left if self.gate == "point" else True)
+            self.off[which] |= left
+        silenced, m = (alive & ~kept).float(), alive.float()
+        self.sums["tokens"] += m.sum().item()
+        self.sums["raw_kl"] += (raw * m).sum().item()
+        self.sums["kl"] += (moved * m).sum().item()
+        self.sums["moved"] += ((moved > self.intervene_kl).float() * m).sum().item()
+        self.sums["gated"] += silenced.sum().item()
+        self.sums["gated_kl"] += (moved * silenced).sum().item()
+        for r, i in enumerate(which.tolist()):
+            if i < len(self.drawn) and alive[r]:
+                self.drawn[i].append(_token(self.tokenizer, tokens[r], moved[r], silenced[r], logp_S[r], logp_T[r],
+                                            logq[r]))
+
+    def result(self) -> dict:
+        s, n = self.sums, max(self.sums["tokens"], 1.0)
+        return {"tokens": int(s["tokens"]), "raw_kl": s["raw_kl"] / n, "kl": s["kl"] / n, "moved": s["moved"] / n,
+                "gated": s["gated"] / n, "gated_share_of_movement": s["gated_kl"] / max(s["kl"], 1e-12)}
+
+
+@torch.inference_mode()
+def joint_passes(model, tokenizer, greedy: dict[str, list[list[int]]], movements: dict, max_new_tokens: int,
+                 temperature: float, top_p: float, seed: int, row_offset: int, global_rows: int) -> dict[str, list[str]]:
+    """Every pass of the probe over one chunk of records in one decoding loop (Llama-family models:
+    decoder.LeanDecoder.join). `greedy` maps a pass to its prompts, "student" and "teacher" and
+    "shuffled" among them; besides their greedy rows, the student's prompts are decoded again at
+    `temperature` (the attempts, with the noise `rollout.sample` would draw for these rows), and the
+    teacher's and the shuffled prompts are fed the attempts' tokens, so that at every position the
+    student's, the teacher's and the wrong-reference teacher's distributions over the attempt are
+    at hand without encoding any prompt twice or any attempt again. `movements` maps
+    None (the teacher as the rule reads it) or "counterfactual" to a _Movement to feed. Returns
+    each greedy pass's texts and "attempts"."""
+    device, pad = next(model.parameters()).device, tokenizer.pad_token_id
+    encoded = {k: decoder.LeanDecoder(model, *left_pad(ids, pad, device), max_new_tokens) for k, ids in greedy.items()}
+    names = list(greedy) + ["attempts", "forced teacher", "forced shuffled"]
+    dec = decoder.LeanDecoder.join([encoded[k] for k in greedy] + [encoded["student"], encoded["teacher"],
+                                                                    encoded["shuffled"]])
+    del encoded
+    n = len(greedy["student"])
+    rows = {k: slice(i * n, (i + 1) * n) for i, k in enumerate(names)}
+    stops = torch.tensor(stop_ids(tokenizer), device=device)
+    at = torch.arange(dec.logits.shape[0], device=device)  # each row's place in `names`' layout
+    role = at // n  # which pass a row belongs to
+    live = torch.ones_like(at, dtype=torch.bool)
+    columns, logits = [], dec.logits
+    for step in range(max_new_tokens):
+        # rows of the attempts and of the teachers fed them, in attempt order (they stop together)
+        A, T, C = ((role == names.index(k)).nonzero().squeeze(1) for k in ("attempts", "forced teacher", "forced shuffled"))
+        which = at[A] - rows["attempts"].start
+        tokens = logits.argmax(-1)
+        noise = None
+        if temperature > 0:
+            noise = gumbel_noise((global_rows, logits.shape[-1]), seed, step,
+                                 slice(row_offset, row_offset + n), device)[which]
+        sampled = choose(logits[A], temperature, top_p, noise)[0]
+        tokens[A], tokens[T], tokens[C] = sampled, sampled, sampled
+        logp_S, logp_T, logp_C = (torch.log_softmax(logits[r], -1) for r in (A, T, C))
+        for kind, movement in movements.items():
+            movement.add(logp_S, logp_T, logp_T if kind is None else counterfactual(logp_T, logp_C, logp_S),
+                         sampled, live[A], which)
+        tokens.masked_fill_(~live, pad)
+        columns.append(torch.full((len(names) * n,), pad, device=device).index_copy_(0, at, tokens))
+        live &= ~torch.isin(tokens, stops)
+        if not live.any():
+            break
+        if (~live).sum() * 4 >= len(live):  # a quarter of the rows have stopped: stop carrying them
+            kept = live.nonzero().squeeze(1)
+            dec.keep(kept)
+            at, role, live, tokens = at[kept], role[kept], live[kept], tokens[kept]
+        logits = dec.step(tokens)
+    _, texts = completion_texts(tokenizer, torch.stack(columns, 1), stop_ids(tokenizer))
+    return {k: texts[rows[k]] for k in list(greedy) + ["attempts"]}
 
 
 def slip_continuation(model, tokenizer, templates, task, records: list[Record], seed: int = 0) -> dict:
@@ -192,12 +307,14 @@ def slip_continuation(model, tokenizer, templates, task, records: list[Record], 
     return {"consistent": consistent, "copies_reference": copies, "other": 1 - consistent - copies, "n": n}
 
 
-def probe(cfg, n: int = 64, html_attempts: int = 0, log=print) -> dict:
+def probe(cfg, n: int = 64, html_attempts: int = 0, log=print, separate: bool = False) -> dict:
     """Probe `cfg.model` on `n` held-out records of `cfg.task` / `cfg.eval_data` / `cfg.data`, with
     `cfg`'s templates, generation length, hint (the teacher sees the reference, or with
     hint=answer only the answer), aggregation rule and gate (a TrainConfig: what training would
     use). Returns the figures, the verdict and, with `html_attempts`, that many attempts token
-    by token."""
+    by token. On Llama-family models every pass decodes in one loop (joint_passes), to float
+    rounding what the passes one by one give (`separate`, and any other model), and faster; the
+    counterfactual teacher reads the shuffled control's wrong references."""
     from handrail.commands.sources import eval_records, model_folder
 
     t0 = time.time()
@@ -211,28 +328,51 @@ def probe(cfg, n: int = 64, html_attempts: int = 0, log=print) -> dict:
     limit = prompt_limit(model, cfg.max_new_tokens)
     records = fit_records(tok, records, tpl, limit, cfg.truncate, ("none", "solution", "answer"))
     others = fit_records(tok, shuffle_references(records, cfg.seed, cfg.hint), tpl, limit, cfg.truncate, ("solution",))
-    common = dict(task=task, samples=0, max_new_tokens=cfg.max_new_tokens)
     report = {"model": cfg.model, "data": cfg.eval_data or cfg.data, "task": None if cfg.data else (cfg.task or "chain"),
               "n": len(records), "max_new_tokens": cfg.max_new_tokens}
-    for key, recs, hint in (("student", records, "none"), ("teacher", records, cfg.hint),
-                            ("shuffled", others, "solution"), ("answer_only", records, "answer")):
-        report[key] = _scores(evaluate(model, tok, tpl, recs, hint=hint, **common))
+    prompts = {"student": prompt_ids(tok, records, tpl), "teacher": prompt_ids(tok, records, tpl, hint=cfg.hint),
+               "shuffled": prompt_ids(tok, others, tpl, hint="solution"),
+               "answer_only": prompt_ids(tok, records, tpl, hint="answer")}
+    checked = {"student": records, "teacher": records, "shuffled": others, "answer_only": records}
+    joint = decoder.LEAN and decoder.supported(model) and not separate
+    if joint:  # every pass in one decoding loop per chunk of records
+        # counterfactual=auto is resolved below, from the greedy passes of this same loop: measure both
+        kinds = ([None] if cfg.counterfactual in ("none", "auto") else []) + (
+            ["counterfactual"] if cfg.counterfactual != "none" else [])
+        movements = {k: _Movement(tok, cfg.aggregation_rule(), cfg.gate, cfg.gate_prob, cfg.intervene_kl,
+                                  html_attempts) for k in kinds}
+        texts = {k: [] for k in prompts}
+        for start in range(0, len(records), CHUNK):
+            chunk = {k: ids[start:start + CHUNK] for k, ids in prompts.items()}
+            for m in movements.values():
+                m.begin(len(chunk["student"]))
+            out = joint_passes(model, tok, chunk, movements, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                               cfg.seed, start, len(records))
+            for k in texts:
+                texts[k] += out[k]
+    for key in prompts:
+        if joint:
+            report[key] = _greedy_scores(texts[key], checked[key], task)
+        else:
+            hint = {"student": "none", "teacher": cfg.hint, "shuffled": "solution", "answer_only": "answer"}[key]
+            report[key] = _scores(evaluate(model, tok, tpl, checked[key], hint=hint, task=task, samples=0,
+                                           max_new_tokens=cfg.max_new_tokens))
         log(f"probe: {key:<11} pass@1 {report[key]['strict']:.1%} strict, {report[key]['lenient']:.1%} lenient, "
             f"leak {report[key]['leak']:.1%}")
-    student_ids, teacher_ids = prompt_ids(tok, records, tpl), prompt_ids(tok, records, tpl, hint=cfg.hint)
-    attempts = sample(model, tok, student_ids, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids(tok),
-                      temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     counterfactual = cfg.counterfactual
     if counterfactual == "auto":  # as training resolves it (train.resolve_counterfactual), on these records
         on = states_answers_first(report["teacher"]["leak"], report["student"]["leak"], len(records))
         counterfactual = "shuffled" if on else "none"
-    counter_ids = None
-    if counterfactual != "none":  # the next record's reference, as training takes the next in its batch
-        wrong = [replace(r, solution=hint_for(records[(i + 1) % len(records)], cfg.hint)) for i, r in enumerate(records)]
-        counter_ids = prompt_ids(tok, wrong, tpl, hint="solution")
-    report["aggregate"], shown = aggregate_stats(
-        model, tok, student_ids, teacher_ids, attempts, cfg.aggregation_rule(), cfg.gate, cfg.gate_prob,
-        cfg.intervene_kl, keep=html_attempts, counter_ids=counter_ids)
+    if joint:
+        movement = movements["counterfactual" if counterfactual != "none" else None]
+        report["aggregate"], shown = movement.result(), movement.shown
+    else:
+        attempts = sample(model, tok, prompts["student"], max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids(tok),
+                          temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+        report["aggregate"], shown = aggregate_stats(
+            model, tok, prompts["student"], prompts["teacher"], attempts, cfg.aggregation_rule(), cfg.gate,
+            cfg.gate_prob, cfg.intervene_kl, keep=html_attempts,
+            counter_ids=prompts["shuffled"] if counterfactual != "none" else None)
     report["aggregate"].update(rule=cfg.rule, gate=cfg.gate, gate_prob=cfg.gate_prob, intervene_kl=cfg.intervene_kl,
                                counterfactual=counterfactual)
     if task is not None and hasattr(task, "detour"):

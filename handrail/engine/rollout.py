@@ -137,13 +137,19 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int
                                        top_p, seed, row_offset, global_rows, guide)
     # outside it, normal tensors again: the training forward may save them for backward
     completion, logprobs = completion.clone(), logprobs.clone()
+    mask, texts = completion_texts(tokenizer, completion, stop_ids)
+    return Rollout([list(p) for p in prompt_ids], completion, mask, logprobs * mask, texts)
+
+
+def completion_texts(tokenizer, completion: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, list[str]]:
+    """(mask, texts) of decoded token rows (B, T): a token is part of the completion up to and
+    including the first stop token; texts drop special tokens."""
     stops = torch.tensor(stop_ids, device=completion.device)
-    # a token is part of the completion up to and including the first stop token
     is_stop = torch.isin(completion, stops).long()
     mask = ((is_stop.cumsum(1) - is_stop) == 0).float()
     texts = [tokenizer.decode([t for t, m in zip(row, mrow) if m], skip_special_tokens=True)
              for row, mrow in zip(completion.tolist(), mask.tolist())]
-    return Rollout([list(p) for p in prompt_ids], completion, mask, logprobs * mask, texts)
+    return mask, texts
 
 
 def _decode(model, tokenizer, prompt_ids, max_new_tokens, stop_ids, temperature, top_p, seed, row_offset,
