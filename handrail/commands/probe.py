@@ -39,7 +39,7 @@ import torch
 from handrail.errors import UsageError
 from handrail.data.records import Record, reference_answer, teacher_prompt
 from handrail.data.datafile import shuffle_references
-from handrail.runtime.evaluate import evaluate, fit_records, is_correct, is_leak, prompt_ids, prompt_limit
+from handrail.runtime.evaluate import evaluate, fit_records, judge, prompt_ids, prompt_limit
 from handrail.runtime.models import HiddenStates, load_model, stop_ids
 from handrail.engine import decoder
 from handrail.engine.rollout import choose, completion_texts, gumbel_noise, left_pad, sample
@@ -105,11 +105,33 @@ def _scores(res: dict) -> dict:
 
 
 def _greedy_scores(texts: list[str], records: list[Record], task) -> dict:
-    """`_scores` of greedy completions, scored as `evaluate` scores them."""
-    n = len(records)
-    return {"strict": sum(is_correct(t, r, task) for t, r in zip(texts, records)) / n,
-            "lenient": sum(is_correct(t, r, task, lenient=True) for t, r in zip(texts, records)) / n,
-            "leak": sum(is_leak(t, r, task) for t, r in zip(texts, records)) / n}
+    """`_scores` of greedy completions, judged as `evaluate` judges them."""
+    ok, loose, leaked = judge(texts, records, task)
+    return {"strict": sum(ok) / len(records), "lenient": sum(loose) / len(records), "leak": sum(leaked) / len(records)}
+
+
+class _Tally:
+    """The movement's sums over attempt positions, and the figures the probe reports from them."""
+
+    def __init__(self, intervene_kl: float):
+        self.intervene_kl = intervene_kl
+        self.sums = dict(tokens=0.0, raw_kl=0.0, kl=0.0, moved=0.0, gated=0.0, gated_kl=0.0)
+
+    def add(self, raw, moved, mask, silenced) -> None:
+        """KL(p_T || p_S) and KL(q || p_S) at some positions, which of them count (`mask`, 1.0) and
+        which of those the gate silences."""
+        s = self.sums
+        s["tokens"] += mask.sum().item()
+        s["raw_kl"] += (raw * mask).sum().item()
+        s["kl"] += (moved * mask).sum().item()
+        s["moved"] += ((moved > self.intervene_kl).float() * mask).sum().item()
+        s["gated"] += silenced.sum().item()
+        s["gated_kl"] += (moved * silenced).sum().item()
+
+    def result(self) -> dict:
+        s, n = self.sums, max(self.sums["tokens"], 1.0)
+        return {"tokens": int(s["tokens"]), "raw_kl": s["raw_kl"] / n, "kl": s["kl"] / n, "moved": s["moved"] / n,
+                "gated": s["gated"] / n, "gated_share_of_movement": s["gated_kl"] / max(s["kl"], 1e-12)}
 
 
 @torch.no_grad()
@@ -127,8 +149,7 @@ def aggregate_stats(model, tokenizer, student_ids, teacher_ids, rollout, rule, g
 
     pad, head = tokenizer.pad_token_id, model.get_output_embeddings()
     lm = HiddenStates(model)
-    sums = dict(tokens=0.0, raw_kl=0.0, kl=0.0, moved=0.0, gated=0.0, gated_kl=0.0)
-    shown = []
+    tally, shown = _Tally(intervene_kl), []
     for s in range(0, len(student_ids), batch):
         rows = slice(s, s + batch)
         mask = rollout.completion_mask[rows]
@@ -149,21 +170,13 @@ def aggregate_stats(model, tokenizer, student_ids, teacher_ids, rollout, rule, g
             lp_T = logp_T.gather(-1, part.completion_ids[..., None]).squeeze(-1)
             kept = until_divergence(lp_T, mask, gate_prob, only_at=gate == "point")
         silenced = mask - kept
-        sums["tokens"] += mask.sum().item()
-        sums["raw_kl"] += (raw * mask).sum().item()
-        sums["kl"] += (moved_kl * mask).sum().item()
-        sums["moved"] += ((moved_kl > intervene_kl).float() * mask).sum().item()
-        sums["gated"] += silenced.sum().item()
-        sums["gated_kl"] += (moved_kl * silenced).sum().item()
+        tally.add(raw, moved_kl, mask, silenced)
         for i in range(mask.shape[0]):
             if len(shown) >= keep:
                 break
             shown.append(_tokens(tokenizer, part.completion_ids[i], mask[i], moved_kl[i], silenced[i],
                                  logp_S[i], logp_T[i], logq[i]))
-    n = max(sums["tokens"], 1.0)
-    return {"tokens": int(sums["tokens"]), "raw_kl": sums["raw_kl"] / n, "kl": sums["kl"] / n,
-            "moved": sums["moved"] / n, "gated": sums["gated"] / n,
-            "gated_share_of_movement": sums["gated_kl"] / max(sums["kl"], 1e-12)}, shown
+    return tally.result(), shown
 
 
 def _tokens(tokenizer, ids, mask, moved, silenced, logp_S, logp_T, logq) -> list[dict]:
@@ -187,14 +200,13 @@ class _Movement:
     computes from whole sequences), and the first `keep` attempts token by token."""
 
     def __init__(self, tokenizer, rule, gate: str, gate_prob: float, intervene_kl: float, keep: int):
-        self.tokenizer, self.rule, self.gate, self.gate_prob, self.intervene_kl = tokenizer, rule, gate, gate_prob, intervene_kl
-        self.sums = dict(tokens=0.0, raw_kl=0.0, kl=0.0, moved=0.0, gated=0.0, gated_kl=0.0)
-        self.keep, self.shown = keep, []
+        self.tokenizer, self.rule, self.gate, self.gate_prob = tokenizer, rule, gate, gate_prob
+        self.tally, self.keep, self.shown = _Tally(intervene_kl), keep, []
 
-    def begin(self, rows: int) -> None:
+    def begin(self, rows: int, device=None) -> None:
         """A new chunk of `rows` attempts: the gate's memory starts over, and the first ones are drawn
         token by token while fewer than `keep` have been."""
-        self.off = torch.zeros(rows, dtype=torch.bool)  # the teacher has already left this attempt (the gate)
+        self.off = torch.zeros(rows, dtype=torch.bool, device=device)  # the teacher has already left this attempt
         self.drawn = [[] for _ in range(min(self.keep - len(self.shown), rows))]
         self.shown += self.drawn
 
@@ -209,22 +221,13 @@ class _Movement:
             left = (logp_T.gather(-1, tokens[:, None]).squeeze(-1) < math.log(self.gate_prob)) & alive
             kept = alive & ~self.off[which] & (left if self.gate == "point" else True)
             self.off[which] |= left
-        silenced, m = (alive & ~kept).float(), alive.float()
-        self.sums["tokens"] += m.sum().item()
-        self.sums["raw_kl"] += (raw * m).sum().item()
-        self.sums["kl"] += (moved * m).sum().item()
-        self.sums["moved"] += ((moved > self.intervene_kl).float() * m).sum().item()
-        self.sums["gated"] += silenced.sum().item()
-        self.sums["gated_kl"] += (moved * silenced).sum().item()
+        silenced = (alive & ~kept).float()
+        self.tally.add(raw, moved, alive.float(), silenced)
         for r, i in enumerate(which.tolist()):
             if i < len(self.drawn) and alive[r]:
                 self.drawn[i].append(_token(self.tokenizer, tokens[r], moved[r], silenced[r], logp_S[r], logp_T[r],
                                             logq[r]))
 
-    def result(self) -> dict:
-        s, n = self.sums, max(self.sums["tokens"], 1.0)
-        return {"tokens": int(s["tokens"]), "raw_kl": s["raw_kl"] / n, "kl": s["kl"] / n, "moved": s["moved"] / n,
-                "gated": s["gated"] / n, "gated_share_of_movement": s["gated_kl"] / max(s["kl"], 1e-12)}
 
 
 @torch.inference_mode()
@@ -330,10 +333,9 @@ def probe(cfg, n: int = 64, html_attempts: int = 0, log=print, separate: bool = 
     others = fit_records(tok, shuffle_references(records, cfg.seed, cfg.hint), tpl, limit, cfg.truncate, ("solution",))
     report = {"model": cfg.model, "data": cfg.eval_data or cfg.data, "task": None if cfg.data else (cfg.task or "chain"),
               "n": len(records), "max_new_tokens": cfg.max_new_tokens}
-    prompts = {"student": prompt_ids(tok, records, tpl), "teacher": prompt_ids(tok, records, tpl, hint=cfg.hint),
-               "shuffled": prompt_ids(tok, others, tpl, hint="solution"),
-               "answer_only": prompt_ids(tok, records, tpl, hint="answer")}
-    checked = {"student": records, "teacher": records, "shuffled": others, "answer_only": records}
+    passes = {"student": (records, "none"), "teacher": (records, cfg.hint), "shuffled": (others, "solution"),
+              "answer_only": (records, "answer")}  # each greedy pass: its records and what the prompt shows
+    prompts = {k: prompt_ids(tok, recs, tpl, hint) for k, (recs, hint) in passes.items()}
     joint = decoder.LEAN and decoder.supported(model) and not separate
     if joint:  # every pass in one decoding loop per chunk of records
         # counterfactual=auto is resolved below, from the greedy passes of this same loop: measure both
@@ -345,17 +347,16 @@ def probe(cfg, n: int = 64, html_attempts: int = 0, log=print, separate: bool = 
         for start in range(0, len(records), CHUNK):
             chunk = {k: ids[start:start + CHUNK] for k, ids in prompts.items()}
             for m in movements.values():
-                m.begin(len(chunk["student"]))
+                m.begin(len(chunk["student"]), next(model.parameters()).device)
             out = joint_passes(model, tok, chunk, movements, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                cfg.seed, start, len(records))
             for k in texts:
                 texts[k] += out[k]
-    for key in prompts:
+    for key, (recs, hint) in passes.items():
         if joint:
-            report[key] = _greedy_scores(texts[key], checked[key], task)
+            report[key] = _greedy_scores(texts[key], recs, task)
         else:
-            hint = {"student": "none", "teacher": cfg.hint, "shuffled": "solution", "answer_only": "answer"}[key]
-            report[key] = _scores(evaluate(model, tok, tpl, checked[key], hint=hint, task=task, samples=0,
+            report[key] = _scores(evaluate(model, tok, tpl, recs, hint=hint, task=task, samples=0,
                                            max_new_tokens=cfg.max_new_tokens))
         log(f"probe: {key:<11} pass@1 {report[key]['strict']:.1%} strict, {report[key]['lenient']:.1%} lenient, "
             f"leak {report[key]['leak']:.1%}")
@@ -365,7 +366,7 @@ def probe(cfg, n: int = 64, html_attempts: int = 0, log=print, separate: bool = 
         counterfactual = "shuffled" if on else "none"
     if joint:
         movement = movements["counterfactual" if counterfactual != "none" else None]
-        report["aggregate"], shown = movement.result(), movement.shown
+        report["aggregate"], shown = movement.tally.result(), movement.shown
     else:
         attempts = sample(model, tok, prompts["student"], max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids(tok),
                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)

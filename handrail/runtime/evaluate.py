@@ -34,6 +34,13 @@ def is_leak(text: str, rec: Record, task: StepArithmeticTask | FileTask | None) 
     return (task or EXACT).leak(text, rec)
 
 
+def judge(texts: list[str], records: list[Record], task) -> tuple[list[bool], list[bool], list[bool]]:
+    """Each greedy completion against its record: correct strictly, correct leniently, leaked."""
+    return ([is_correct(t, r, task) for t, r in zip(texts, records)],
+            [is_correct(t, r, task, lenient=True) for t, r in zip(texts, records)],
+            [is_leak(t, r, task) for t, r in zip(texts, records)])
+
+
 def prompt_texts(tokenizer, records: list[Record], templates: Templates, hint: str = "none") -> list[str]:
     return [student_prompt(tokenizer, r, templates) if hint == "none"
             else teacher_prompt(tokenizer, r, templates, hint_for(r, hint)) for r in records]
@@ -198,13 +205,9 @@ def evaluate(model, tokenizer, templates: Templates, records: list[Record], *,
         recs, batch = records[start:start + batch_size], ids[start:start + batch_size]
         g = sample(model, tokenizer, batch, max_new_tokens=max_new_tokens, stop_ids=stops, temperature=0)
         tokens += g.n_tokens
-        ok = [is_correct(t, r, task) for t, r in zip(g.texts, recs)]
-        greedy_ok += sum(ok)
-        loose = [is_correct(t, r, task, lenient=True) for t, r in zip(g.texts, recs)]
-        greedy_lenient += sum(loose)
+        ok, loose, leaked = judge(g.texts, recs, task)
+        greedy_ok, greedy_lenient, leaks = greedy_ok + sum(ok), greedy_lenient + sum(loose), leaks + sum(leaked)
         solved_tokens += sum(n for n, good in zip(g.completion_mask.sum(1).tolist(), ok) if good)
-        leaked = [is_leak(t, r, task) for t, r in zip(g.texts, recs)]
-        leaks += sum(leaked)
         if completions is not None:
             completions += [{"problem": r.text, "completion": t, "correct": bool(c), "correct_lenient": bool(c2),
                              "leak": bool(lk), "answer": reference_answer(r)}
