@@ -277,16 +277,15 @@ def _free_dir(base: str) -> str:
     return path
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="handrail", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-
+def _pretrain_command(sub) -> None:
     p = sub.add_parser("pretrain", help="build a tiny base model from scratch on a task or data file")
     _common(p, model=False)
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--seed", type=int)
     p.set_defaults(fn=cmd_pretrain)
 
+
+def _eval_command(sub) -> None:
     p = sub.add_parser("eval", help="held-out pass@1 (greedy and sampled) and leak rate")
     _common(p)
     p.add_argument("--hint", default="none", choices=["none", "solution", "answer"])
@@ -308,6 +307,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also write each problem's greedy completion as JSONL (problem, completion, correct, leak, answer)")
     p.set_defaults(fn=cmd_eval)
 
+
+def _probe_command(sub) -> None:
     p = sub.add_parser("probe", help="before training: can the privileged teacher help this model on this data, and why")
     _common(p)
     p.add_argument("--n", type=_count(2), default=64, help="held-out records to probe")
@@ -316,6 +317,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--html-attempts", type=_count(1), default=6, help="attempts drawn in the --html page")
     p.set_defaults(fn=cmd_probe)
 
+
+def _search_command(sub) -> None:
     p = sub.add_parser("search", help="step-level pUCT search at test time (or best-of-N at the same accounting)")
     _common(p)
     p.add_argument("--simulations", type=_count(1), default=8, help="simulations per move")
@@ -340,10 +343,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=cmd_search)
 
+
+def _train_command(sub) -> None:
     p = sub.add_parser("train", help="post-train a model (self-distill, grpo or sft)")
     _common(p, model=False)
     p.add_argument("--model", help="HF folder or hub id, a .gguf file, or 'smollm2'")
-    p.add_argument("--method", help="self-distill (default) | grpo | sft | rlsd | srpo | vine | expert-iteration")
+    p.add_argument("--method", help="self-distill (default), grpo, sft, or any other registered in handrail/methods/ "
+                                    "(an unknown name is answered with the list)")
     p.add_argument("--rule", help="aggregation rule: trust-region (default) | geometric | support | none")
     p.add_argument("--teacher", help="frozen (default) | live | ema")
     p.add_argument("--rollouts", type=_count(1), help="budget of sampled student completions")
@@ -352,6 +358,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.set_defaults(fn=cmd_train)
 
+
+def _compare_command(sub) -> None:
     p = sub.add_parser("compare", help="methods side by side: same base, budget, seeds and eval points")
     _common(p, model=False)
     p.add_argument("--model", help="base model (default: the embedded default, built if missing)")
@@ -361,6 +369,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results folder")
     p.set_defaults(fn=cmd_compare)
 
+
+def _decode_command(sub) -> None:
     p = sub.add_parser("decode", help="guided decoding: each token from the aggregate of student and teacher")
     p.add_argument("--model", required=True, help="HF folder or hub id, a .gguf file, or 'smollm2'")
     p.add_argument("--prompt", help="the problem (default: a held-out problem of --task)")
@@ -378,11 +388,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_decode)
 
+
+def _demo_command(sub) -> None:
     p = sub.add_parser("demo", help="the main job: default base model, then self-distill, SFT and GRPO on the lab's scenarios")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached base model")
     p.add_argument("--quick", action="store_true", help="a small base and budget (about 2 minutes)")
     p.add_argument("--out", help="results folder (default: runs/demo)")
     p.set_defaults(fn=cmd_demo)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="handrail", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for command in (_pretrain_command, _eval_command, _probe_command, _search_command, _train_command,
+                    _compare_command, _decode_command, _demo_command):
+        command(sub)
     return ap
 
 

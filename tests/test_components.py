@@ -205,3 +205,48 @@ def test_a_method_refuses_another_methods_option_and_accepts_its_off_value():
     assert METHODS["srpo"].reads() >= METHODS["self-distill"].reads() | METHODS["grpo"].reads()
     every = frozenset().union(*(m.reads() for m in METHODS.values()))
     assert all(key in TrainConfig.__dataclass_fields__ for key in every)  # no option names a key that is not there
+
+
+def test_a_new_method_brings_its_options_in_its_own_class():
+    """A method declared in one place (here, this test) with an Options dataclass: the training
+    config composed afterwards has its keys, checks their ranges and choices, refuses them to other
+    methods, and refuses them to it where another method's option is set."""
+    from dataclasses import dataclass
+
+    from handrail import config as C
+    from handrail.commands.train import SharedConfig
+    from handrail.methods import METHODS, Method, with_options
+    from handrail.methods import Options as Own  # (a class body cannot read this function's `Options`)
+
+    class Mine(Method, name="mine-test"):
+        @dataclass
+        class Options(Own):
+            my_width: int = 3  # how wide
+            my_mode: str = "a"  # a | b
+
+            RANGES = {"my_width": "[1, )"}
+            CHOICES = {"my_mode": ("a", "b")}
+
+    try:
+        Config = with_options(SharedConfig, "TrainConfig", __name__)
+        cfg = C.build(Config, overrides={"model": "m", "method": "mine-test", "my_width": "5", "my_mode": "b"})
+        assert (cfg.my_width, cfg.my_mode, cfg.delta) == (5, "b", 1.0)  # its keys and every other method's
+        with pytest.raises(ValueError, match=r"config key 'my_width': expected a value in \[1, \), got 0"):
+            C.build(Config, overrides={"model": "m", "method": "mine-test", "my_width": "0"})
+        with pytest.raises(ValueError, match="config key 'my_mode': unknown 'c'; choose a, b"):
+            C.build(Config, overrides={"model": "m", "method": "mine-test", "my_mode": "c"})
+        with pytest.raises(ValueError, match="config key 'my_width': method sft does not read it .*mine-test"):
+            C.build(Config, overrides={"model": "m", "method": "sft", "my_width": "4"})
+        with pytest.raises(ValueError, match="config key 'delta': method mine-test does not read it"):
+            C.build(Config, overrides={"model": "m", "method": "mine-test", "delta": "0.5"})
+
+        class Clash(Method, name="clash-test"):  # one key, two defaults: refused when composed
+            @dataclass
+            class Options(Own):
+                my_width: int = 4
+
+        with pytest.raises(TypeError, match="'my_width' of Clash is declared twice"):
+            with_options(SharedConfig, "TrainConfig", __name__)
+    finally:
+        METHODS.pop("mine-test", None)
+        METHODS.pop("clash-test", None)

@@ -156,32 +156,68 @@ def test_lean_step_matches_the_models_forward(tiny_model, monkeypatch):
                     assert torch.allclose(_stream_logits(model, other, True, 40, 8, monkeypatch), ref, atol=1e-5)
 
 
-def test_joined_decoders_step_as_the_parts_do_and_dropped_rows_leave_the_rest_alone(tiny_model):
-    """LeanDecoder.join: batches encoded apart at their own widths (one given twice), then stepped as
-    one, give each part's logits; keep() drops rows and the others go on unchanged."""
+def test_dropped_rows_leave_the_rest_alone(tiny_model):
+    """keep(): rows that stopped leave the decoder, and the others step on as before (a decoder of
+    several passes, one given twice, their buffers growing past the room given)."""
     import handrail.engine.decoder as D
 
     for name, model in _models(tiny_model):
         V, g = model.config.vocab_size, torch.Generator().manual_seed(2)
-        batches = [[[3, 4, 5, 6, 7], [8, 9]], [[5] * 9, [6, 7, 8, 9, 10, 11, 12, 13, 14], [3]]]
+        passes = [[[3, 4, 5, 6, 7], [8, 9]], [[5] * 9, [6, 7, 8, 9, 10, 11, 12, 13, 14]]]
+        passes.append(passes[0])
         tol = 1e-2 if name == "bf16" else 1e-5
         with torch.no_grad():
-            parts = [D.LeanDecoder(model, *left_pad(b, 0), 4) for b in batches]
-            alone = [D.LeanDecoder(model, *left_pad(b, 0), 4) for b in batches + batches[:1]]
-            joined = D.LeanDecoder.join(parts + parts[:1])
-            got, want = [joined.logits], [torch.cat([a.logits for a in alone])]
-            rows = torch.arange(7)
-            for step in range(10):  # past the room given: the joined buffers grow
-                tok = torch.randint(3, V, (7,), generator=g)
-                want.append(torch.cat([a.step(t) for a, t in zip(alone, tok.split([2, 3, 2]))]))
-                if step == 4:  # the second part's rows and one of the copy's stop
-                    rows = torch.tensor([0, 1, 5])
-                    joined.keep(rows)
-                got.append(torch.zeros_like(want[-1]).index_copy_(0, rows, joined.step(tok[rows])))
+            alone = [D.LeanDecoder(model, *left_pad(p, 0), 4) for p in passes]
+            dec = D.LeanDecoder.shared(model, passes, 4, pad_id=0)
+            got, want = [dec.logits], [torch.cat([a.logits for a in alone])]
+            rows = torch.arange(6)
+            for step in range(10):  # past the room given: the buffers grow
+                tok = torch.randint(3, V, (6,), generator=g)
+                want.append(torch.cat([a.step(t) for a, t in zip(alone, tok.split(2))]))
+                if step == 4:  # the second pass's rows and one of the copy's stop
+                    rows = torch.tensor([0, 1, 4])
+                    dec.keep(rows)
+                got.append(torch.zeros_like(want[-1]).index_copy_(0, rows, dec.step(tok[rows])))
             for step, (a, b) in enumerate(zip(got, want)):
-                kept = torch.arange(7) if step <= 4 else rows  # got[k]: after k steps
+                kept = torch.arange(6) if step <= 4 else rows  # got[k]: after k steps
                 assert torch.allclose(a[kept], b[kept], atol=tol, rtol=tol), (name, step, (a - b)[kept].abs().max())
             assert not torch.allclose(got[6][2], want[6][2], atol=tol)  # a dropped row is not computed
+
+
+def test_shared_openings_encode_once_and_step_as_the_passes_encoded_apart(tiny_model, monkeypatch):
+    """LeanDecoder.shared: passes whose prompts share openings row by row (a tree: all four agree
+    on 9 or more tokens, three of them further, one pass given twice) give each pass's logits,
+    and the same steps after, as each pass encoded alone; the shared openings are encoded once."""
+    import handrail.engine.decoder as D
+
+    # tokens below the tiny model's vocabulary (22); where passes part, their next tokens differ
+    head = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 3]]  # per row: 9 and 11 tokens
+    ref = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 4]]
+    passes = [[h + [19, 20] for h in head],  # the student: a row's opening, its own end
+              [h + r + [15, 16, 17] for h, r in zip(head, ref)],  # the teacher
+              [h + r[:8] + [20] for h, r in zip(head, ref)],  # another teacher, agreeing on 8 more
+              [h + [21] * 12 for h in head]]  # leaves after the opening
+    passes.append(passes[1])  # the teacher given twice: its rows copied
+    encoded = []
+    real = D.LeanDecoder._encode
+    monkeypatch.setattr(D.LeanDecoder, "_encode", lambda self, rows, pieces, *a: encoded.append(
+        sum(map(len, pieces))) or real(self, rows, pieces, *a))
+    for name, model in _models(tiny_model):
+        V, g, tol = model.config.vocab_size, torch.Generator().manual_seed(3), (1e-2 if name == "bf16" else 1e-5)
+        with torch.no_grad():
+            alone = [D.LeanDecoder(model, *left_pad(p, 0), 4) for p in passes]
+            encoded.clear()
+            dec = D.LeanDecoder.shared(model, passes, 4, pad_id=0)
+            # the 9 columns all four share, once for both rows (18); the 8 more both teachers share
+            # (16); each pass's own rest (6, 10, 4, 26): 80 tokens, against 150 encoded apart
+            assert sum(encoded) == 80
+            got, want = [dec.logits], [torch.cat([a.logits for a in alone])]
+            for _ in range(7):  # past the room given: the buffers grow
+                tok = torch.randint(3, V, (10,), generator=g)
+                want.append(torch.cat([a.step(t) for a, t in zip(alone, tok.split(2))]))
+                got.append(dec.step(tok))
+            for step, (a, b) in enumerate(zip(got, want)):
+                assert torch.allclose(a, b, atol=tol, rtol=tol), (name, step, (a - b).abs().max())
 
 
 def _padded_batch(V, lengths):

@@ -23,9 +23,10 @@ the reference's numbers. It ends with a one-line verdict and its reason. `html_r
 attempts token by token (probe_html.py).
 
 On a model the lean decoder takes, all of this is one decoding loop per chunk of records
-(`joint_passes`): a step of many rows costs a small model little more than a step of few, and
-the passes share their prompts' encodings, so the probe is faster than its passes one by one
-(1.3× on SmolLM2: BENCHMARKS.md §P2), with the same figures to float rounding.
+(`joint_passes`): a step of many rows costs a small model little more than a step of few, the
+attempts and the teachers fed them share their prompts' encodings, and a record's prompts for the
+different passes encode their common opening (the chat template, the problem) once, so the probe
+is faster than its passes one by one (BENCHMARKS.md §P2), with the same figures to float rounding.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from handrail.data.datafile import shuffle_references
 from handrail.runtime.evaluate import evaluate, fit_records, judge, prompt_ids, prompt_limit
 from handrail.runtime.models import HiddenStates, load_model, stop_ids
 from handrail.engine import decoder
-from handrail.engine.rollout import choose, completion_texts, gumbel_noise, left_pad, sample
+from handrail.engine.rollout import choose, completion_texts, gumbel_noise, sample
 from handrail.engine.targets import counterfactual, kl as kl_div
 
 TOP = 3  # most likely next tokens kept per position for the HTML view
@@ -234,7 +235,7 @@ class _Movement:
 def joint_passes(model, tokenizer, greedy: dict[str, list[list[int]]], movements: dict, max_new_tokens: int,
                  temperature: float, top_p: float, seed: int, row_offset: int, global_rows: int) -> dict[str, list[str]]:
     """Every pass of the probe over one chunk of records in one decoding loop (Llama-family models:
-    decoder.LeanDecoder.join). `greedy` maps a pass to its prompts, "student" and "teacher" and
+    decoder.LeanDecoder.shared). `greedy` maps a pass to its prompts, "student" and "teacher" and
     "shuffled" among them; besides their greedy rows, the student's prompts are decoded again at
     `temperature` (the attempts, with the noise `rollout.sample` would draw for these rows), and the
     teacher's and the shuffled prompts are fed the attempts' tokens, so that at every position the
@@ -243,11 +244,9 @@ def joint_passes(model, tokenizer, greedy: dict[str, list[list[int]]], movements
     None (the teacher as the rule reads it) or "counterfactual" to a _Movement to feed. Returns
     each greedy pass's texts and "attempts"."""
     device, pad = next(model.parameters()).device, tokenizer.pad_token_id
-    encoded = {k: decoder.LeanDecoder(model, *left_pad(ids, pad, device), max_new_tokens) for k, ids in greedy.items()}
     names = list(greedy) + ["attempts", "forced teacher", "forced shuffled"]
-    dec = decoder.LeanDecoder.join([encoded[k] for k in greedy] + [encoded["student"], encoded["teacher"],
-                                                                    encoded["shuffled"]])
-    del encoded
+    dec = decoder.LeanDecoder.shared(model, list(greedy.values()) + [greedy["student"], greedy["teacher"],
+                                                                       greedy["shuffled"]], max_new_tokens, pad)
     n = len(greedy["student"])
     rows = {k: slice(i * n, (i + 1) * n) for i, k in enumerate(names)}
     stops = torch.tensor(stop_ids(tokenizer), device=device)

@@ -45,6 +45,7 @@ from handrail.commands.bootstrap import bootstrap, needs_bootstrap
 from handrail.commands.bootstrap import load as load_bootstrap
 from handrail.commands.bootstrap import save as save_bootstrap
 from handrail.engine.budget import Budget
+from handrail.methods import with_options
 from handrail.runtime.checkpoint import Checkpoints, NonFinite, State, check_finite
 from handrail.runtime.cpu import keep_freed_memory
 from handrail.data.records import records_from_task, reference_answer
@@ -68,7 +69,11 @@ def _registry(module: str, name: str):
 
 
 @dataclass
-class TrainConfig:
+class SharedConfig:
+    """A training run's config: these keys, which every method reads (or that choose the method),
+    and each method's own options, declared in its file (`Options` in handrail/methods/) and added
+    by `with_options` below. All keys are flat: `delta=0.5`, `cfg.delta`."""
+
     model: str = ""  # HF folder / hub id / .gguf / 'smollm2'
     templates: str | None = None  # JSON file with "student" and "teacher" prompt templates (default: the model's own, else English)
     out: str = "runs/train"  # run folder: config.json, metrics.jsonl, checkpoint/, model/
@@ -78,25 +83,10 @@ class TrainConfig:
     fields: str | None = None  # data: other field names, "prompt=question,solution=answer" (common layouts need none)
     verifier: str = "exact"  # data: how answers are checked: exact | math (math-verify) | module:function
     method: str = "self-distill"  # self-distill | grpo | sft | rlsd (grpo, the teacher sizing each token) | srpo (solved rollouts to grpo, failed to self-distill) | vine (grpo with Monte Carlo step values) | expert-iteration (step-level search, its visit counts distilled)
-    rule: str = "trust-region"  # aggregation (targets.py): trust-region | geometric | support | none | considered | anchored
-    teacher: str = "frozen"  # frozen (initial weights) | live (current, no grad) | ema
-    ema_decay: float = 0.95  # for teacher=ema
     hint: str = "solution"  # what the teacher sees: solution | answer | blank (the teacher's prompt with an empty reference: the no-reference control)
     shuffle_references: bool = False  # the shuffled-reference control: each training record shows the teacher another record's reference
     reference: str = "full"  # what training records carry: full (worked, the student's style) | terse (embedded tasks: intermediate results skipped) | answer (only the final answer)
-    lam: float = 0.5  # geometric rule: weight of the teacher
-    delta: float = 1.0  # trust-region: max nats the teacher may move the student per token and step; anchored: from the initial student, in all
-    tau: float = 0.1  # considered: the initial student's probability above which the teacher may promote a token
-    lam_max: float = 1.0  # trust-region rule: upper end of the lambda search
-    support_top_p: float = 0.9  # support rule: the student's nucleus
-    counterfactual: str = "auto"  # self-distill: none | shuffled: the teacher counts only beyond what another problem's reference also makes it say (targets.counterfactual; one more teacher pass and the initial model's) | auto: shuffled if, before training, the teacher shown the reference states the answer before the work more often than the student does (resolve_counterfactual), else none
-    teacher_topk: int = 0  # self-distill: 0 = the teacher's full distribution; K = its K most likely tokens plus a tail bucket (what a served teacher sends)
-    intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
-    gate: str = "divergence"  # none | divergence: silence the teacher after the student leaves its path | point: only where it leaves
     rollout: str = "student"  # student: g ~ pi(.|P_S) | guided: each token from A(p_S, p_T) | logged: the data's turns
-    guided_until: float = 1.0  # rollout=guided: the share of training steps, from the start, whose rollouts are guided (the student's own after)
-    gate_prob: float = 0.05  # divergence gate: a sampled token the teacher gives < this ends its say
-    after_gate: str = "free"  # where the gate silences the teacher: free (no loss) | anchor (pull towards the initial model)
     rollouts: int = 8192  # budget: sampled student completions, all processes together (benchmarks/HISTORY.md §2c)
     bootstrap_k: int = 4  # answer-only records: samples per problem in a bootstrap stage first (0: off; then the teacher sees the bare answer, which teaches guessing: BENCHMARKS.md §L3)
     bootstrap_rollouts: int = 0  # the bootstrap stage's share of `rollouts` (0: half of them)
@@ -109,17 +99,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    clip_eps: float = 0.2  # grpo: ratio clip
-    teacher_weight_clip: float = 0.2  # rlsd: the teacher scales a token's advantage within 1 +- this
-    kl_coef: float = 0.0  # grpo: weight of KL to the initial model (0 = no reference pass)
-    grpo_loss: str = "dapo"  # grpo: how token losses are averaged: dapo (over tokens) | grpo (per sequence) | dr_grpo (constant)
-    scale_rewards: bool = True  # grpo: divide advantages by the group's reward std (Dr. GRPO: false)
-    vine_points: int = 2  # vine: branch points per rollout (its start and step ends)
-    vine_k: int = 2  # vine: continuations per branch point; each counts as a rollout
     step_delimiter: str = "\n"  # what ends a step (vine, search): a line break by default
-    search_simulations: int = 2  # expert-iteration: pUCT simulations per move
-    search_candidates: int = 4  # expert-iteration: next steps sampled per expansion
-    search_value: str = ""  # expert-iteration: check (the task's program check) | answer (the reference) | "" (check where the task has one)
     curriculum: str = "none"  # none | brevity: once validation accuracy stops rising, a slowly growing length pressure on correct completions (reward methods)
     brevity_step: float = 0.05  # brevity: pressure added per validation check (at eval_every)
     brevity_max: float = 0.5  # brevity: the most a correct completion's reward drops for using the whole max_new_tokens
@@ -150,24 +130,21 @@ class TrainConfig:
     lean_decoder: bool = True  # sample, run the teacher's pass and the student's training forward through decoder.py where the model allows it (Llama/Qwen2 with sdpa, no hooks, plain weights; else the model's own forward): same tokens, about 2x the sampling speed on small models. false: the model's forward everywhere
 
     RANGES = {
-        "ema_decay": "[0, 1]", "lam": "[0, 1]", "delta": "[0, )", "tau": "[0, 1]", "lam_max": "[0, 1]",
-        "support_top_p": "(0, 1]", "intervene_kl": "[0, )", "gate_prob": "[0, 1]", "guided_until": "[0, 1]", "rollouts": "[1, )",
-        "bootstrap_k": "[0, )", "bootstrap_rollouts": "[0, )", "prompts_per_step": "[1, )",
+        "rollouts": "[1, )", "bootstrap_k": "[0, )", "bootstrap_rollouts": "[0, )", "prompts_per_step": "[1, )",
         "samples_per_prompt": "[1, )", "max_new_tokens": "[1, )", "temperature": "[0, )", "top_p": "(0, 1]",
-        "lr": "(0, )", "weight_decay": "[0, )", "grad_clip": "(0, )", "clip_eps": "(0, )", "teacher_weight_clip": "[0, 1]", "kl_coef": "[0, )",
+        "lr": "(0, )", "weight_decay": "[0, )", "grad_clip": "(0, )",
         "chunk_size": "[1, )", "level": "[1, )", "train_n": "[1, )", "eval_n": "[0, )", "eval_every": "[0, )",
         "eval_samples": "[0, )", "checkpoint_every": "[0, )", "threads": "[0, )", "max_nonfinite": "[1, )",
-        "lora_r": "[0, )", "lora_alpha": "(0, )", "vine_points": "[1, )", "vine_k": "[1, )", "search_simulations": "[1, )", "search_candidates": "[1, )",
+        "lora_r": "[0, )", "lora_alpha": "(0, )",
         "brevity_step": "(0, 1]", "brevity_max": "[0, 1]", "brevity_margin": "[0, 1]", "brevity_patience": "[0, )",
-        "curriculum_n": "[1, )", "teacher_topk": "[0, )",
+        "curriculum_n": "[1, )",
     }
     CHOICES = {
-        "method": lambda: _registry("methods", "METHODS"), "rule": lambda: _registry("engine.targets", "RULES"),
-        "teacher": ("frozen", "live", "ema"), "counterfactual": ("none", "shuffled", "auto"), "gate": ("none", "divergence", "point"), "after_gate": ("free", "anchor"),
+        "method": lambda: _registry("methods", "METHODS"),
         "rollout": ("student", "guided", "logged"), "bootstrap_rollout": ("student", "guided"),
-        "grpo_loss": ("dapo", "grpo", "dr_grpo"), "hint": ("solution", "answer", "blank"), "reference": ("full", "terse", "answer"),
+        "hint": ("solution", "answer", "blank"), "reference": ("full", "terse", "answer"),
         "mixed_precision": ("no", "bf16", "fp16"), "truncate": ("error", "left"),
-        "eval_split": ("test", "validation"), "curriculum": ("none", "brevity"), "search_value": ("", "check", "answer"),
+        "eval_split": ("test", "validation"), "curriculum": ("none", "brevity"),
     }
 
     def validate(self):
@@ -238,6 +215,9 @@ class TrainConfig:
         from handrail.methods import METHODS
 
         return self.prompts_per_step * self.samples_per_prompt * METHODS[self.method].rollouts_per_sample(self)
+
+
+TrainConfig = with_options(SharedConfig, "TrainConfig", __name__)
 
 
 def _slice(n: int, rank: int, world: int) -> slice:

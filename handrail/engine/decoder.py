@@ -148,18 +148,8 @@ class LeanDecoder:
     table and the padding mask are made once for every position the buffers can hold."""
 
     def __init__(self, model, ids: torch.Tensor, attn: torch.Tensor, room: int):
-        base, cfg = model.model, model.config
-        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        self.embed, self.rotary, self.head = base.embed_tokens, base.rotary_emb, (model.lm_head.weight, model.lm_head.bias)
-        self.norm = (base.norm.weight, base.norm.variance_epsilon)
-
-        def size(*modules):
-            return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-
-        copies = sum(2 * size(L.self_attn.q_proj, L.self_attn.k_proj)
-                     + size(L.self_attn.v_proj, L.mlp.gate_proj, L.mlp.up_proj) for L in base.layers)
-        self.layers = [_Layer(layer, self.hd, copies <= FUSE_BYTES) for layer in base.layers]
+        self._bind(model)
+        base = model.model
         B, P = ids.shape
         w = base.embed_tokens.weight
         # no zeros: attention reads a column only once it is written
@@ -180,42 +170,114 @@ class LeanDecoder:
                          self.cos[pos][:, :, None], self.sin[pos][:, :, None], 0, prompt_mask)
         self.logits = self._logits(h.view(B, P, -1)[:, -1])
 
+    def _bind(self, model) -> None:
+        base, cfg = model.model, model.config
+        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        self.embed, self.rotary, self.head = base.embed_tokens, base.rotary_emb, (model.lm_head.weight, model.lm_head.bias)
+        self.norm = (base.norm.weight, base.norm.variance_epsilon)
+
+        def size(*modules):
+            return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+        copies = sum(2 * size(L.self_attn.q_proj, L.self_attn.k_proj)
+                     + size(L.self_attn.v_proj, L.mlp.gate_proj, L.mlp.up_proj) for L in base.layers)
+        self.layers = [_Layer(layer, self.hd, copies <= FUSE_BYTES) for layer in base.layers]
+
     @classmethod
-    def join(cls, parts: list[LeanDecoder]) -> LeanDecoder:
-        """One decoder holding the rows of `parts` (fresh decoders of one model, prompts encoded
-        apart, each batch at its own width), each prompt ending at the widest one's last column
-        and the columns before a shorter prompt masked. From here the rows step together: one
-        matrix product a step for all, where for a model of SmolLM2's size a step of 384 rows
-        costs about what four steps of 64 do, while encoding each batch at its own width wastes no
-        product on another batch's padding. A part may be given twice (its rows copied)."""
-        first, P = parts[0], max(p.P for p in parts)
-        assert all(p.n == p.P for p in parts), "join decoders before their first step"
-        room = min(p.capacity - p.P for p in parts)
+    def shared(cls, model, passes: list[list[list[int]]], room: int, pad_id: int, min_shared: int = 8) -> LeanDecoder:
+        """One decoder holding every pass's rows, pass after pass (row r of pass k at k * n + r),
+        where the prompts of one row across passes (one record's prompts for several passes)
+        share an opening, the chat template and the problem, which is encoded once for them all.
+        Prompts sit from column 0 (not left-padded: a shared opening is then at the same columns
+        in every row that shares it), and the columns after a shorter prompt, up to the longest,
+        are masked. Openings are shared down a tree: the passes' common opening, row by row, up
+        to the column every row reaches (when at least `min_shared` columns), then each group of
+        passes that agree further, and so on; then each pass's own rest. A pass given twice (the
+        same list) has its rows copied. The same logits, and the same steps after, as the
+        passes encoded apart, to float rounding."""
         new = cls.__new__(cls)
-        for name in ("hd", "groups", "embed", "rotary", "head", "norm", "layers"):
-            setattr(new, name, getattr(first, name))
-        sizes = [p.keys[0].shape[0] for p in parts]
-        B, new.capacity, new.n, new.P = sum(sizes), P + room, P, P
-        starts = [sum(sizes[:k]) for k in range(len(parts))]
-
-        def joined(buffers):
-            out = buffers[0].new_empty(B, buffers[0].shape[1], new.capacity, buffers[0].shape[3])
-            out[:, :, :P].zero_()  # masked columns are still read: finite, never uninitialised memory
-            for p, r, b in zip(parts, starts, buffers):
-                out[r:r + b.shape[0], :, P - p.P:P] = b[:, :, :p.P]
-            return out
-
-        new.keys = [joined([p.keys[i] for p in parts]) for i in range(len(first.keys))]
-        new.values = [joined([p.values[i] for p in parts]) for i in range(len(first.values))]
-        new.mask = first.mask.new_zeros(B, new.capacity)
-        for p, r, b in zip(parts, starts, sizes):
-            new.mask[r:r + b, :P - p.P] = float("-inf")
-            new.mask[r:r + b, P - p.P:P] = p.mask[:, :p.P]
-        new.last = torch.cat([p.last for p in parts])
-        new.padded = any(p.padded or p.P != P for p in parts)
+        new._bind(model)
+        n = len(passes[0])
+        unique = [k for k, p in enumerate(passes) if not any(p is q for q in passes[:k])]
+        lengths = torch.tensor([[len(ids) for ids in p] for p in passes])
+        W, B = int(lengths.max()), len(passes) * n
+        w = model.model.embed_tokens.weight
+        new.capacity, new.n, new.P = W + room, W, W
+        new.keys = [w.new_empty(B, L.hk, W + room, new.hd) for L in new.layers]
+        new.values = [w.new_empty(B, L.hk, W + room, new.hd) for L in new.layers]
+        for b in new.keys + new.values:
+            b[:, :, :W].zero_()  # a gap after a shorter prompt is masked but still read: finite
+        lengths = lengths.view(-1).to(w.device)
+        new.mask = w.new_zeros(B, W + room)
+        new.mask[:, :W].masked_fill_(torch.arange(W, device=w.device) >= lengths[:, None], float("-inf"))
+        new.last = lengths - 1
+        new.padded = True
         new._tables()
-        new.logits = torch.cat([p.logits for p in parts])
+        new.logits = None
+        new._share(passes, unique, 0, pad_id, min_shared)
+        for k, p in enumerate(passes):
+            if k not in unique:  # a copy of the first pass given as the same list
+                first = next(j for j in unique if passes[j] is p)
+                for buffers in (new.keys, new.values):
+                    for b in buffers:
+                        b[k * n:(k + 1) * n] = b[first * n:(first + 1) * n]
+                new.logits[k * n:(k + 1) * n] = new.logits[first * n:(first + 1) * n]
         return new
+
+    def _share(self, passes, group: list[int], start: int, pad_id: int, min_shared: int) -> None:
+        """Encode `group`'s passes from column `start` on (every row's columns before it written)."""
+        n = len(passes[0])
+
+        def reach(ks):  # the column every row's prompts in passes ks agree up to, each leaving its last token
+            return min(min(len(os.path.commonprefix([passes[k][r] for k in ks])),
+                           *(len(passes[k][r]) - 1 for k in ks)) for r in range(n))
+
+        if len(group) > 1:
+            end = reach(group)
+            if end - start >= min_shared:  # encoded in the first pass's rows, copied to the others'
+                first = group[0]
+                self._encode(range(first * n, (first + 1) * n),
+                             [passes[first][r][start:end] for r in range(n)], start, pad_id)
+                for k in group[1:]:
+                    for b in self.keys + self.values:
+                        b[k * n:(k + 1) * n, :, start:end] = b[first * n:(first + 1) * n, :, start:end]
+                start = end
+            while group:  # the passes that agree with the first further than this, then the rest
+                near = [k for k in group if k == group[0] or reach([group[0], k]) - start >= min_shared]
+                group = [k for k in group if k not in near]
+                if len(near) > 1:
+                    self._share(passes, near, start, pad_id, min_shared)
+                else:
+                    self._own(passes, near[0], start, pad_id)
+            return
+        self._own(passes, group[0], start, pad_id)
+
+    def _own(self, passes, k: int, start: int, pad_id: int) -> None:
+        """Pass k's prompts from column `start` to their ends, and its rows' first logits."""
+        n = len(passes[0])
+        rows = range(k * n, (k + 1) * n)
+        h = self._encode(rows, [passes[k][r][start:] for r in range(n)], start, pad_id)
+        ends = torch.tensor([len(passes[k][r]) - 1 - start for r in range(n)], device=h.device)
+        logits = self._logits(h[torch.arange(n, device=h.device), ends])
+        if self.logits is None:
+            self.logits = logits.new_empty(len(passes) * n, logits.shape[-1])
+        self.logits[k * n:(k + 1) * n] = logits
+
+    def _encode(self, rows: range, pieces: list[list[int]], start: int, pad_id: int) -> torch.Tensor:
+        """Write rows' keys and values at columns start.. for `pieces` (each row's next tokens,
+        right-padded: a row's padding comes after its tokens, so no token of it attends to it);
+        return the final layer's hidden states (rows, T, d)."""
+        T, device = max(map(len, pieces)), self.keys[0].device
+        ids = torch.tensor([p + [pad_id] * (T - len(p)) for p in pieces], device=device)
+        R = len(pieces)
+        causal = torch.zeros(T, start + T, dtype=self.keys[0].dtype, device=device)
+        causal[:, start:].masked_fill_(torch.ones(T, T, dtype=torch.bool, device=device).triu(1), float("-inf"))
+        cos = self.cos[start:start + T][None, :, None].expand(R, T, 1, -1)
+        sin = self.sin[start:start + T][None, :, None].expand(R, T, 1, -1)
+        h = self._layers(F.embedding(ids.reshape(-1), self.embed.weight, self.embed.padding_idx), cos, sin, start,
+                         causal[None, None], rows=slice(rows.start, rows.stop))
+        return h.view(R, T, -1)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (indices, in the order given): rows that have stopped stop costing a
@@ -249,18 +311,20 @@ class LeanDecoder:
         self.capacity *= 2
         self._tables()
 
-    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, mask) -> torch.Tensor:
+    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, mask,
+                rows: slice = slice(None)) -> torch.Tensor:
         """Run h (B*T, d), rows with rotary cos and sin (B, T, 1, hd), through every layer, writing
-        the keys and values at buffer columns start..start+T; `mask` is the additive attention mask
-        (or None). Rows stay two-dimensional (the matrix products' own shape) except in attention."""
+        the keys and values at buffer columns start..start+T (of the buffers' `rows`); `mask` is the
+        additive attention mask (or None). Rows stay two-dimensional (the matrix products' own
+        shape) except in attention."""
         B, T = cos.shape[:2]
         n = start + T
         for i, w in enumerate(self.layers):
             qk, v = w.qkv(_rms(h, w.norm1), cos, sin)
-            self.keys[i][:, :, start:n] = qk[:, :, w.hq:].transpose(1, 2)
-            self.values[i][:, :, start:n] = v.transpose(1, 2)
-            o = self._attend(qk[:, :, :w.hq].transpose(1, 2), self.keys[i][:, :, :n], self.values[i][:, :, :n],
-                             mask, w.scale)
+            keys, values = self.keys[i][rows], self.values[i][rows]
+            keys[:, :, start:n] = qk[:, :, w.hq:].transpose(1, 2)
+            values[:, :, start:n] = v.transpose(1, 2)
+            o = self._attend(qk[:, :, :w.hq].transpose(1, 2), keys[:, :, :n], values[:, :, :n], mask, w.scale)
             h = h + F.linear(o.transpose(1, 2).reshape(B * T, -1), *w.o)
             h = h + w.mlp(_rms(h, w.norm2), T == 1)
         return h

@@ -10,7 +10,8 @@ the rollout accounting and the evaluation are shared.
 
 from __future__ import annotations
 
-from handrail.methods.base import METHODS, Method, World, completion_hidden, until_divergence  # noqa: F401
+from handrail.methods.base import (METHODS, Method, Options, World, completion_hidden, until_divergence,  # noqa: F401
+                                   with_options)
 
 # Each import registers a method under the name a config gives it (`class X(Method, name=...)`),
 # in this order; one file per method.
@@ -21,3 +22,4 @@ from handrail.methods.rlsd import RLSD  # noqa: F401
 from handrail.methods.srpo import SRPO  # noqa: F401
 from handrail.methods.vine import Vine, branch_points, step_advantages  # noqa: F401
 from handrail.methods.expert_iteration import ExpertIteration  # noqa: F401
+

@@ -4,7 +4,9 @@ the helpers several methods share."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,11 +110,46 @@ OFF = {"counterfactual": "none", "teacher_topk": 0, "kl_coef": 0.0, "gate": "non
 def foreign_option(method: type[Method], cfg) -> str | None:
     """The first key of `cfg` that only other methods read and that is set away from its default
     (or its OFF value), or None."""
-    from dataclasses import fields
-
-    defaults = {f.name: f.default for f in fields(cfg)}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     return next((key for key in sorted(method.foreign())
                  if getattr(cfg, key) not in (defaults[key], OFF.get(key, defaults[key]))), None)
+
+
+@dataclass
+class Options:
+    """A method's own config keys: subclass it as a dataclass in the method's file, one field a key
+    with its default and a comment that documents it, and `RANGES` / `CHOICES` as for any config
+    (config.py). The training config is the shared keys plus every method's (`with_options`), so the
+    keys stay flat (`delta=0.5` on the command line, `cfg.delta` in code) and a new method's options
+    need no other file."""
+
+    RANGES: typing.ClassVar[dict] = {}
+    CHOICES: typing.ClassVar[dict] = {}
+
+
+def with_options(shared: type, name: str, module: str) -> type:
+    """The dataclass `name`: the fields, ranges, choices and methods of `shared`, then every
+    registered method's option fields. A key two methods both declare (a method extending another
+    inherits its options) must have one type and one default."""
+    hints = typing.get_type_hints(shared)
+    seen = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(shared)}
+    added, ranges, choices = [], dict(shared.RANGES), dict(shared.CHOICES)
+    for method in METHODS.values():
+        opts = method.Options
+        hints = typing.get_type_hints(opts)
+        for f in dataclasses.fields(opts):
+            if f.name in seen:
+                if seen[f.name] != (hints[f.name], f.default):
+                    raise TypeError(f"option {f.name!r} of {method.__name__} is declared twice, differently")
+                continue
+            seen[f.name] = (hints[f.name], f.default)
+            added.append((f.name, hints[f.name], dataclasses.field(default=f.default)))
+        for k in reversed(opts.__mro__):  # an extended method's ranges and choices too
+            ranges.update(vars(k).get("RANGES", {}))
+            choices.update(vars(k).get("CHOICES", {}))
+    cls = dataclasses.make_dataclass(name, added, bases=(shared,), namespace={"RANGES": ranges, "CHOICES": choices})
+    cls.__module__, cls.__qualname__, cls.__doc__ = module, name, shared.__doc__
+    return cls
 
 
 class Method:
@@ -128,9 +165,9 @@ class Method:
     one_per_prompt = False  # compare gives it one rollout (or search) per prompt: what it spends fills the step
     cost_varies = False  # what a step spends is known only once it has run (compare evaluates every step)
     reads_logged = False  # trains on logged conversations' turns (rollout=logged), generating nothing
-    # TrainConfig keys this method reads that some other method does not: its own options. A run
+    # The config keys this method reads that some other method does not: its own options. A run
     # that sets another method's option would have it silently ignored, so `check` refuses that.
-    options: frozenset[str] = frozenset()
+    Options: type[Options] = Options
 
     def __init_subclass__(cls, name: str | None = None, **kw):
         super().__init_subclass__(**kw)
@@ -139,8 +176,8 @@ class Method:
 
     @classmethod
     def reads(cls) -> frozenset[str]:
-        """Its own options and those of the methods it extends."""
-        return frozenset().union(*(vars(k).get("options", frozenset()) for k in cls.__mro__))
+        """Its own options (those of the methods it extends included: its Options extends theirs)."""
+        return frozenset(f.name for f in dataclasses.fields(cls.Options))
 
     @classmethod
     def foreign(cls) -> frozenset[str]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from handrail.engine.objectives import chunked_sum, cross_entropy_chunk
 from handrail.engine.rollout import Rollout, token_rollout
 from handrail.errors import UsageError
-from handrail.methods.base import Method, TokenSignal, World
+from handrail.methods.base import Method, Options, TokenSignal, World
 
 
 class ExpertIteration(Method, name="expert-iteration"):
@@ -24,7 +26,15 @@ class ExpertIteration(Method, name="expert-iteration"):
     needs_solutions = False  # values come from the check or the answer
     one_per_prompt = True
     cost_varies = True
-    options = frozenset({"search_simulations", "search_candidates", "search_value"})
+
+    @dataclass
+    class Options(Options):
+        search_simulations: int = 2  # pUCT simulations per move
+        search_candidates: int = 4  # next steps sampled per expansion
+        search_value: str = ""  # check (the task's program check) | answer (the reference) | "" (check where the task has one)
+
+        RANGES = {"search_simulations": "[1, )", "search_candidates": "[1, )"}
+        CHOICES = {"search_value": ("", "check", "answer")}
 
     @classmethod
     def check(cls, cfg) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from handrail.engine.objectives import chunked_sum, clipped_pg_chunk
-from handrail.methods.base import Method, PolicySignal, World, completion_hidden, frozen_copy, token_logps
+from handrail.methods.base import Method, Options, PolicySignal, World, completion_hidden, frozen_copy, token_logps
 from handrail.runtime.models import HiddenStates
 
 
@@ -25,7 +27,16 @@ class GRPO(Method, name="grpo"):
     needs_solutions = False  # the reward reads only the answer
     rewarded = True
     grouped = True
-    options = frozenset({"clip_eps", "kl_coef", "grpo_loss", "scale_rewards"})
+
+    @dataclass
+    class Options(Options):
+        clip_eps: float = 0.2  # ratio clip
+        kl_coef: float = 0.0  # weight of KL to the initial model (0 = no reference pass)
+        grpo_loss: str = "dapo"  # how token losses are averaged: dapo (over tokens) | grpo (per sequence) | dr_grpo (constant)
+        scale_rewards: bool = True  # divide advantages by the group's reward std (Dr. GRPO: false)
+
+        RANGES = {"clip_eps": "(0, )", "kl_coef": "[0, )"}
+        CHOICES = {"grpo_loss": ("dapo", "grpo", "dr_grpo")}
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None, frozen=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from handrail.methods.base import World, completion_hidden, frozen_copy, token_logps
@@ -20,7 +22,12 @@ class RLSD(GRPO, name="rlsd"):
 
     privileged = True
     needs_solutions = True  # its teacher reads the worked reference
-    options = frozenset({"teacher_weight_clip"})
+
+    @dataclass
+    class Options(GRPO.Options):
+        teacher_weight_clip: float = 0.2  # the teacher scales a token's advantage within 1 +- this
+
+        RANGES = {"teacher_weight_clip": "[0, 1]"}
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)

@@ -3,15 +3,16 @@ against the aggregated target of the teacher shown the reference."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from handrail.data.records import hint_for
 from handrail.engine.objectives import chunked_sum, distill_chunk, fusable, fused_distill_sum
 from handrail.engine.rollout import Guide
-from handrail.methods.base import (DistillSignal, Method, World, completion_hidden, frozen_copy, token_logps,
-                                   until_divergence)
+from handrail.engine.targets import RULES
+from handrail.methods.base import (DistillSignal, Method, Options, World, completion_hidden, frozen_copy,
+                                   token_logps, until_divergence)
 from handrail.runtime.evaluate import prompt_ids
 from handrail.runtime.models import HiddenStates
 
@@ -36,9 +37,30 @@ class SelfDistill(Method, name="self-distill"):
     privileged = True
     distils = True
     reads_logged = True
-    options = frozenset({"rule", "lam", "delta", "tau", "lam_max", "support_top_p", "teacher", "ema_decay",
-                         "counterfactual", "teacher_topk", "intervene_kl", "gate", "gate_prob", "after_gate",
-                         "guided_until"})
+
+    @dataclass
+    class Options(Options):
+        rule: str = "trust-region"  # aggregation (targets.py): trust-region | geometric | support | none | considered | anchored
+        teacher: str = "frozen"  # frozen (initial weights) | live (current, no grad) | ema
+        ema_decay: float = 0.95  # for teacher=ema
+        lam: float = 0.5  # geometric rule: weight of the teacher
+        delta: float = 1.0  # trust-region: max nats the teacher may move the student per token and step; anchored: from the initial student, in all
+        tau: float = 0.1  # considered: the initial student's probability above which the teacher may promote a token
+        lam_max: float = 1.0  # trust-region rule: upper end of the lambda search
+        support_top_p: float = 0.9  # support rule: the student's nucleus
+        counterfactual: str = "auto"  # none | shuffled: the teacher counts only beyond what another problem's reference also makes it say (targets.counterfactual; one more teacher pass and the initial model's) | auto: shuffled if, before training, the teacher shown the reference states the answer before the work more often than the student does (resolve_counterfactual), else none
+        teacher_topk: int = 0  # 0 = the teacher's full distribution; K = its K most likely tokens plus a tail bucket (what a served teacher sends)
+        intervene_kl: float = 0.01  # a position counts as "teacher intervened" above this KL(q||p_S)
+        gate: str = "divergence"  # none | divergence: silence the teacher after the student leaves its path | point: only where it leaves
+        guided_until: float = 1.0  # rollout=guided: the share of training steps, from the start, whose rollouts are guided (the student's own after)
+        gate_prob: float = 0.05  # divergence gate: a sampled token the teacher gives < this ends its say
+        after_gate: str = "free"  # where the gate silences the teacher: free (no loss) | anchor (pull towards the initial model)
+
+        RANGES = {"ema_decay": "[0, 1]", "lam": "[0, 1]", "delta": "[0, )", "tau": "[0, 1]", "lam_max": "[0, 1]",
+                  "support_top_p": "(0, 1]", "intervene_kl": "[0, )", "gate_prob": "[0, 1]", "guided_until": "[0, 1]",
+                  "teacher_topk": "[0, )"}
+        CHOICES = {"rule": RULES, "teacher": ("frozen", "live", "ema"), "counterfactual": ("none", "shuffled", "auto"),
+                   "gate": ("none", "divergence", "point"), "after_gate": ("free", "anchor")}
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)

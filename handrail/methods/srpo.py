@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from handrail.errors import UsageError
@@ -20,7 +22,10 @@ class SRPO(Method, name="srpo"):
     rewarded = True
     grouped = True
     distils = True  # its failed rollouts' target; guided and logged rollouts are self-distill's alone
-    options = SelfDistill.options | GRPO.options  # it runs both (not a subclass of either)
+
+    @dataclass
+    class Options(SelfDistill.Options, GRPO.Options):  # it runs both (not a subclass of either)
+        pass
 
     @classmethod
     def check(cls, cfg) -> None:

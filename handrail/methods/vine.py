@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from handrail.methods.base import PolicySignal, World
@@ -45,7 +47,13 @@ class Vine(GRPO, name="vine"):
 
     grouped = False  # its values come from branches, not from a group
     one_per_prompt = True
-    options = frozenset({"vine_points", "vine_k"})
+
+    @dataclass
+    class Options(GRPO.Options):
+        vine_points: int = 2  # branch points per rollout (its start and step ends)
+        vine_k: int = 2  # continuations per branch point; each counts as a rollout
+
+        RANGES = {"vine_points": "[1, )", "vine_k": "[1, )"}
 
     @staticmethod
     def rollouts_per_sample(cfg) -> int:
