@@ -314,6 +314,49 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
         return _train(cfg, resume, log, held)
 
 
+def _starting_point(out: Path, checkpoints: Checkpoints, resume: bool):
+    """(the checkpoint to resume from or None, whether a stopped run's folder starts again)."""
+    ckpt = next(iter(checkpoints.complete()), None)
+    if not resume and (out / "metrics.jsonl").exists() and (ckpt or (out / "model").exists()):
+        raise UsageError(f"{out}: already holds a run (metrics.jsonl); continue it with --resume {out} "
+                         f"or choose another --out")
+    # a run stopped before its first checkpoint has nothing to continue from: it starts again
+    restart = (out / "metrics.jsonl").exists() and ckpt is None
+    return (ckpt if resume else None), restart
+
+
+@dataclass
+class _Checks:
+    """The evaluations a run makes on its current weights: held-out pass@1 (main process) and the
+    curriculum's validation check (every process, which each moves its copy of the curriculum by)."""
+
+    cfg: Any
+    acc: Any
+    parallel: Parallel
+    method: Any
+    tokenizer: Any
+    templates: dict
+    task: Any
+    eval_recs: list
+    curriculum_recs: list
+
+    def held_out(self) -> dict:
+        if not self.acc.is_main_process:
+            return {}
+        res = evaluate(self.parallel.lm(), self.tokenizer, self.templates, self.eval_recs, task=self.task,
+                       samples=self.cfg.eval_samples, max_new_tokens=self.cfg.max_new_tokens, seed=self.cfg.seed)
+        return {"eval/pass@1": res["accuracy"], "eval/pass@1_lenient": res["accuracy_lenient"],
+                "eval/pass@1_sampled": res["accuracy_sampled"], "eval/leak_rate": res["leak_rate"],
+                "eval/tokens_per_solved": res["tokens_per_solved"], "eval/n": res["n"]}
+
+    def curriculum(self) -> dict:
+        res = evaluate(self.parallel.lm(), self.tokenizer, self.templates, self.curriculum_recs, task=self.task,
+                       samples=0, max_new_tokens=self.cfg.max_new_tokens)
+        self.method.curriculum.update(res["accuracy"])
+        return {"curriculum/val_pass@1": res["accuracy"],
+                "curriculum/val_tokens_per_solved": res["tokens_per_solved"], "curriculum/alpha": self.method.curriculum.alpha}
+
+
 def _claim_folder(cfg, out: Path, held, checkpoints, resumed_at: int | None, restart: bool, log) -> None:
     """The run folder, locked and made consistent with the state the run starts from (main process)."""
     held.enter_context(FolderLock(out))  # a second run on this folder stops here, having written nothing
@@ -345,13 +388,7 @@ def _train(cfg: TrainConfig, resume: bool, log, held: contextlib.ExitStack) -> d
     held.enter_context(decoder.lean(cfg.lean_decoder and decoder.LEAN))  # the environment's 0 wins
     out = Path(cfg.out)
     checkpoints = Checkpoints(out, acc.is_main_process, acc.wait_for_everyone)
-    ckpt = next(iter(checkpoints.complete()), None)
-    if not resume and (out / "metrics.jsonl").exists() and (ckpt or (out / "model").exists()):
-        raise UsageError(f"{out}: already holds a run (metrics.jsonl); continue it with --resume {out} "
-                         f"or choose another --out")
-    # a run stopped before its first checkpoint has nothing to continue from: it starts again
-    restart = (out / "metrics.jsonl").exists() and ckpt is None
-    ckpt = ckpt if resume else None
+    ckpt, restart = _starting_point(out, checkpoints, resume)
 
     # -- records, model, method (before anything is written: a model that fails to load leaves no run)
     task, train_recs, eval_recs = task_and_records(cfg)
@@ -382,25 +419,9 @@ def _train(cfg: TrainConfig, resume: bool, log, held: contextlib.ExitStack) -> d
     if cfg.log_with:
         acc.init_trackers(out.name, config=asdict(cfg))
 
-    def evaluate_now():
-        if not acc.is_main_process:
-            return {}
-        res = evaluate(parallel.lm(), tokenizer, templates, eval_recs, task=check,
-                       samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        return {"eval/pass@1": res["accuracy"], "eval/pass@1_lenient": res["accuracy_lenient"],
-                "eval/pass@1_sampled": res["accuracy_sampled"], "eval/leak_rate": res["leak_rate"],
-                "eval/tokens_per_solved": res["tokens_per_solved"], "eval/n": res["n"]}
-
-    def curriculum_check():
-        """The curriculum's validation check; every process moves its copy the same way."""
-        res = evaluate(parallel.lm(), tokenizer, templates, curriculum_recs, task=check,
-                       samples=0, max_new_tokens=cfg.max_new_tokens)
-        method.curriculum.update(res["accuracy"])
-        return {"curriculum/val_pass@1": res["accuracy"], "curriculum/val_tokens_per_solved": res["tokens_per_solved"],
-                "curriculum/alpha": method.curriculum.alpha}
-
+    checks = _Checks(cfg, acc, parallel, method, tokenizer, templates, check, eval_recs, curriculum_recs)
     if state.step == 0 and eval_recs:
-        _log(acc, out, {"step": 0, "rollouts": 0, "samples": 0, "tokens": 0, "seconds": 0.0, **evaluate_now()})
+        _log(acc, out, {"step": 0, "rollouts": 0, "samples": 0, "tokens": 0, "seconds": 0.0, **checks.held_out()})
 
     # 0. answer-only records: sample worked solutions first and keep those that verify (bootstrap.py)
     answer_only = needs_bootstrap(train_recs) if method.needs_solutions else []
@@ -426,9 +447,9 @@ def _train(cfg: TrainConfig, resume: bool, log, held: contextlib.ExitStack) -> d
         row = step(run, state)
         last = not budget.left(state)
         if eval_recs and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-            row.update(evaluate_now())
+            row.update(checks.held_out())
         if method.curriculum and cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
-            row.update(curriculum_check())
+            row.update(checks.curriculum())
         _log(acc, out, row)
         bar.update(1)
         bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
