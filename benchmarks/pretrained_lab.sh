@@ -14,7 +14,7 @@
 # The data, the warm start and the probe are reused when they exist.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/pretrained_lab.sh OUT}
-LR=${LR:-3e-4}  # the controls' rate: self-distillation's choice in step 4 (read it from $OUT/lab/table.md)
+LR=${LR:-1e-3}  # the controls' rate: self-distillation's choice in step 4 (read it from $OUT/lab/table.md)
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -27,6 +27,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 common=(--data "$OUT/data/train.jsonl" --rollouts 128 --seeds 3 eval_data="$OUT/data/test.jsonl" score=lenient
         eval_points=1 jobs=2)
 handrail compare --model "$OUT/warm/model" --methods self-distill,sft,grpo --out "$OUT/lab" "${common[@]}" \
-    val_data="$OUT/data/val.jsonl" sweep=lr=1e-4,3e-4 train=lora_r=16,max_new_tokens=64,eval_n=64
+    val_data="$OUT/data/val.jsonl" sweep=lr=1e-4,3e-4,1e-3,3e-3 train=lora_r=16,max_new_tokens=64,eval_n=64
 handrail compare --model "$OUT/warm/model" --methods self-distill --out "$OUT/controls" "${common[@]}" \
     scenarios=shuffled,noref train=lora_r=16,max_new_tokens=64,eval_n=64,lr=$LR
