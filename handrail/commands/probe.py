@@ -249,7 +249,8 @@ def joint_passes(model, tokenizer, greedy: dict[str, list[list[int]]], movements
                                                                        greedy["shuffled"]], max_new_tokens, pad)
     n = len(greedy["student"])
     rows = {k: slice(i * n, (i + 1) * n) for i, k in enumerate(names)}
-    stops = torch.tensor(stop_ids(tokenizer), device=device)
+    ends = stop_ids(tokenizer)
+    stops = torch.tensor(ends, device=device)
     at = torch.arange(dec.logits.shape[0], device=device)  # each row's place in `names`' layout
     role = at // n  # which pass a row belongs to
     live = torch.ones_like(at, dtype=torch.bool)
@@ -279,7 +280,7 @@ def joint_passes(model, tokenizer, greedy: dict[str, list[list[int]]], movements
             dec.keep(kept)
             at, role, live, tokens = at[kept], role[kept], live[kept], tokens[kept]
         logits = dec.step(tokens)
-    _, texts = completion_texts(tokenizer, torch.stack(columns, 1), stop_ids(tokenizer))
+    _, texts = completion_texts(tokenizer, torch.stack(columns, 1), ends)
     return {k: texts[rows[k]] for k in list(greedy) + ["attempts"]}
 
 

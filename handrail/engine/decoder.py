@@ -219,11 +219,14 @@ class LeanDecoder:
         for k, p in enumerate(passes):
             if k not in unique:  # a copy of the first pass given as the same list
                 first = next(j for j in unique if passes[j] is p)
-                for buffers in (new.keys, new.values):
-                    for b in buffers:
-                        b[k * n:(k + 1) * n] = b[first * n:(first + 1) * n]
+                new._copy_pass(first, k, n, slice(None))
                 new.logits[k * n:(k + 1) * n] = new.logits[first * n:(first + 1) * n]
         return new
+
+    def _copy_pass(self, src: int, dst: int, n: int, cols: slice) -> None:
+        """Pass `src`'s keys and values (its n rows) into pass `dst`'s rows, at columns `cols`."""
+        for b in self.keys + self.values:
+            b[dst * n:(dst + 1) * n, :, cols] = b[src * n:(src + 1) * n, :, cols]
 
     def _share(self, passes, group: list[int], start: int, pad_id: int, min_shared: int) -> None:
         """Encode `group`'s passes from column `start` on (every row's columns before it written)."""
@@ -240,8 +243,7 @@ class LeanDecoder:
                 self._encode(range(first * n, (first + 1) * n),
                              [passes[first][r][start:end] for r in range(n)], start, pad_id)
                 for k in group[1:]:
-                    for b in self.keys + self.values:
-                        b[k * n:(k + 1) * n, :, start:end] = b[first * n:(first + 1) * n, :, start:end]
+                    self._copy_pass(first, k, n, slice(start, end))
                 start = end
             while group:  # the passes that agree with the first further than this, then the rest
                 near = [k for k in group if k == group[0] or reach([group[0], k]) - start >= min_shared]

@@ -136,14 +136,14 @@ def with_options(shared: type, name: str, module: str) -> type:
     added, ranges, choices = [], dict(shared.RANGES), dict(shared.CHOICES)
     for method in METHODS.values():
         opts = method.Options
-        hints = typing.get_type_hints(opts)
+        declared = typing.get_type_hints(opts)
         for f in dataclasses.fields(opts):
             if f.name in seen:
-                if seen[f.name] != (hints[f.name], f.default):
+                if seen[f.name] != (declared[f.name], f.default):
                     raise TypeError(f"option {f.name!r} of {method.__name__} is declared twice, differently")
                 continue
-            seen[f.name] = (hints[f.name], f.default)
-            added.append((f.name, hints[f.name], dataclasses.field(default=f.default)))
+            seen[f.name] = (declared[f.name], f.default)
+            added.append((f.name, declared[f.name], dataclasses.field(default=f.default)))
         for k in reversed(opts.__mro__):  # an extended method's ranges and choices too
             ranges.update(vars(k).get("RANGES", {}))
             choices.update(vars(k).get("CHOICES", {}))
