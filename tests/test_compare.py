@@ -65,6 +65,9 @@ def test_compare_runs_each_scenario_and_records_what_reproduces_it(tiny_model, t
     bad = subprocess.run([sys.executable, "-m", "handrail.cli", "compare", "--model", tiny_model, "--out",
                           str(tmp_path / "bad"), "--methods", "sft,nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "nonsense" in bad.stderr and not (tmp_path / "bad").exists()
+    bad = subprocess.run([sys.executable, "-m", "handrail.cli", "compare", "--model", tiny_model, "--out",
+                          str(tmp_path / "bad"), "--methods", "sft", "ratio=sft-grpo"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "config key 'ratio'" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_compare_sweeps_on_the_validation_split_and_runs_each_method_at_its_best(tiny_model, tmp_path):
@@ -129,18 +132,24 @@ def test_efficiency_ratio_cases():
     r = efficiency_ratio(res([0.1, 0.2, 0.3, 0.4], [0.1, 0.4, 0.4, 0.5]))
     assert r["ratio"] == 3.0 and r["per_seed"] == [3.0] and r["wall_clock_ratio"] == 3.0
     # reached at self-distillation's first evaluation, with GRPO's best at its last: a bound, said so
-    assert r["lower_bound"] and r["grpo_still_rising"] and "at least" in r["message"]
+    assert r["lower_bound"] and r["baseline_still_rising"] and "at least" in r["message"]
     r = efficiency_ratio(res([0.1, 0.2, 0.4, 0.3, 0.3], [0.1, 0.2, 0.4, 0.5, 0.5]))
-    assert r["ratio"] == 1.0 and not r["lower_bound"] and not r["grpo_still_rising"]
+    assert r["ratio"] == 1.0 and not r["lower_bound"] and not r["baseline_still_rising"]
     # GRPO with a budget of its own (compare: grpo+rollouts=N) is found by its method name
     longer = {"grpo+rollouts=64": one([0.1, 0.2, 0.3, 0.4, 0.45]), "self-distill": one([0.1, 0.2, 0.5])}
     assert efficiency_ratio(longer)["ratio"] == 2.0
     assert efficiency_ratio(res([0.1, 0.2], [0.1, 0.15]))["ratio"] is None
     # the target is GRPO's best, not its last: a GRPO that peaks and falls still defines one
     assert efficiency_ratio(res([0.1, 0.3, 0.2], [0.1, 0.3, 0.4]))["ratio"] == 1.0
-    assert efficiency_ratio(res([0.1, 0.05], [0.1, 0.4]))["sd_rollouts"] == 0
+    assert efficiency_ratio(res([0.1, 0.05], [0.1, 0.4]))["method_rollouts"] == 0
     assert "never reached" in efficiency_ratio(res([0.1, 0.2], [0.1, 0.15]))["message"]
     assert samples_to_reach([(0, 0.1), (16, 0.3)], 0.3) == 16
+    # the pair is the user's: SFT against GRPO, read from the same curves
+    mixed = {"grpo": one([0.1, 0.2, 0.3, 0.4]), "sft": one([0.1, 0.2, 0.4, 0.4]), "self-distill": one([0.1, 0.4])}
+    r = efficiency_ratio(mixed, "sft/grpo")
+    assert r["ratio"] == 1.5 and r["method"] == "sft" and r["baseline"] == "grpo" and "sft at 32" in r["message"]
+    assert efficiency_ratio(mixed, "")["message"] == ""
+    assert "needs vine and grpo" in efficiency_ratio(mixed, "vine/grpo")["message"]
 
 
 def test_a_method_spec_carries_its_own_keys_and_grouped_methods_get_groups():

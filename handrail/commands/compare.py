@@ -7,8 +7,8 @@ evaluation points line up. Each *scenario* (SCENARIOS: what the references look 
 hard the level is) runs every method. Writes `results.json`, `accuracy.png` (held-out pass@1 and
 leak rate against samples, mean ± spread over seeds, one column per scenario), `table.md` and
 `environment.json` (commit, versions, CPU instruction set, the base's recipe), and prints the
-sample-efficiency ratio: rollouts GRPO needs to reach its best accuracy ÷ rollouts
-self-distillation needs to reach the same.
+sample-efficiency ratio (`ratio`, self-distillation against GRPO by default): rollouts the
+baseline needs to reach its best accuracy ÷ rollouts the method needs to reach the same.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class CompareConfig:
     sweep: str = ""  # "key=v1,v2,..." (e.g. lr=1e-5,3e-5,1e-4,3e-4): each method and scenario first tries every value on a validation split and then runs at its best
     sweep_seeds: int = 1  # seeds per swept value (they differ from the comparison's seeds)
     val_data: str | None = None  # with --data and sweep: the validation records (never the test file)
+    ratio: str = "self-distill/grpo"  # the sample-efficiency ratio METHOD/BASELINE: rollouts the baseline needs to reach its best accuracy over rollouts the method needs to reach it ("": none)
 
     RANGES = {"rollouts": "[1, )", "seeds": "[1, )", "samples_per_step": "[1, )", "group_size": "[1, )",
               "eval_points": "[1, )", "jobs": "[0, )", "sweep_seeds": "[1, )"}
@@ -67,6 +68,13 @@ class CompareConfig:
         if self.sweep and self.data and not self.val_data:
             raise UsageError("config key 'val_data': a sweep on --data needs validation records of its own "
                              "(hyperparameters are never chosen on the test records)")
+        if self.ratio:
+            from handrail.methods import METHODS
+
+            pair = self.ratio.split("/")
+            if len(pair) != 2 or not set(pair) <= set(METHODS):
+                raise UsageError(f"config key 'ratio': {self.ratio!r} is not METHOD/BASELINE with methods from "
+                                 f"{', '.join(METHODS)} (e.g. self-distill/grpo; \"\" for none)")
         swept = sweep_values(self.sweep)
         for seed in range(self.seeds):  # every run's config is checked before the first one trains
             for scenario in self.scenarios.split(","):
@@ -204,7 +212,7 @@ def _compare(cfg: CompareConfig, out: Path, log) -> dict:
                      "seconds": summaries[scenario, spec, seed]["seconds"],
                      "rollouts": summaries[scenario, spec, seed]["rollouts"]} for seed in range(cfg.seeds)]
             results[spec] = {"runs": runs, "mean": mean_curve([r["curve"] for r in runs])}
-        report["scenarios"][scenario] = {"methods": results, "ratio": efficiency_ratio(results)}
+        report["scenarios"][scenario] = {"methods": results, "ratio": efficiency_ratio(results, cfg.ratio)}
     with writing(out / "results.json"):
         (out / "results.json").write_text(json.dumps(report, indent=2))
     text = "\n".join((f"### scenario: {name}\n\n" if len(scenarios) > 1 else "") + table(r["methods"], r["ratio"], cfg.score)
@@ -318,48 +326,54 @@ def _train_all(cfg: CompareConfig, configs: dict, log) -> dict:
     return done
 
 
-def efficiency_ratio(results: dict) -> dict:
-    """Rollouts GRPO needs to reach its best mean accuracy, over rollouts self-distillation needs to
-    reach the same (the first spec of each method: `grpo+rollouts=4096` gives GRPO a budget of its
-    own, so that its best is measured rather than cut off by the shared budget)."""
+def efficiency_ratio(results: dict, pair: str = "self-distill/grpo") -> dict:
+    """The sample-efficiency ratio of `pair`, "METHOD/BASELINE": rollouts the baseline needs to
+    reach its best mean accuracy, over rollouts the method needs to reach the same (the first spec
+    of each in `results`: `grpo+rollouts=4096` gives the baseline a budget of its own, so that its
+    best is measured rather than cut off by the shared budget)."""
+    if not pair:
+        return {"ratio": None, "message": ""}
+    of, to = pair.split("/")
+
     def first(method):
         return next((k for k in results if k.split("+")[0].split(":")[0] == method), None)
 
-    sd, grpo = first("self-distill"), first("grpo")
-    if grpo is None or sd is None:
-        return {"ratio": None, "message": "sample-efficiency ratio: needs grpo and self-distill in --methods"}
-    g = results[grpo]["mean"]
-    target = max(m for _, m, _ in g)  # GRPO's best mean accuracy over the evaluation points
+    sd, base = first(of), first(to)
+    if base is None or sd is None:
+        return {"ratio": None, "message": f"sample-efficiency ratio: needs {of} and {to} in --methods"}
+    g = results[base]["mean"]
+    target = max(m for _, m, _ in g)  # the baseline's best mean accuracy over the evaluation points
     n_g = samples_to_reach([(s, m) for s, m, _ in g], target)
     n_sd = samples_to_reach([(s, m) for s, m, _ in results[sd]["mean"]], target)
+    found = {"method": sd, "baseline": base, "target": target, "baseline_rollouts": n_g}
     if n_sd is None:
-        msg = (f"sample-efficiency ratio: {sd} never reached GRPO's best accuracy {target:.1%} "
+        msg = (f"sample-efficiency ratio: {sd} never reached {base}'s best accuracy {target:.1%} "
                f"within {g[-1][0]} rollouts")
-        return {"ratio": None, "target": target, "grpo_rollouts": n_g, "sd_rollouts": None, "message": msg}
+        return {"ratio": None, **found, "method_rollouts": None, "message": msg}
     if n_sd == 0:
-        msg = (f"sample-efficiency ratio: undefined, the base model already scores GRPO's best "
-               f"accuracy {target:.1%} (GRPO did not improve on it)")
-        return {"ratio": None, "target": target, "grpo_rollouts": n_g, "sd_rollouts": 0, "message": msg}
+        msg = (f"sample-efficiency ratio: undefined, the base model already scores {base}'s best "
+               f"accuracy {target:.1%} ({base} did not improve on it)")
+        return {"ratio": None, **found, "method_rollouts": 0, "message": msg}
     ratio = n_g / n_sd
-    per_seed = _per_seed_ratios(results[grpo]["runs"], results[sd]["runs"])
-    wall = _seconds_at(results[grpo]["runs"], n_g) / max(_seconds_at(results[sd]["runs"], n_sd), 1e-9)
+    per_seed = _per_seed_ratios(results[base]["runs"], results[sd]["runs"])
+    wall = _seconds_at(results[base]["runs"], n_g) / max(_seconds_at(results[sd]["runs"], n_sd), 1e-9)
     spread = ""
     if per_seed and all(r is not None for r in per_seed):
-        spread = f"; per seed, to its own GRPO best: {statistics.mean(per_seed):.2f} ± {statistics.pstdev(per_seed):.2f}"
+        spread = f"; per seed, to its own {base} best: {statistics.mean(per_seed):.2f} ± {statistics.pstdev(per_seed):.2f}"
     elif per_seed:
-        spread = f"; per seed, to its own GRPO best: {', '.join('n/a' if r is None else f'{r:.2f}' for r in per_seed)}"
-    # where the curves' ends set the figure, it is a bound, not a measurement: self-distillation
-    # already there at its first evaluation (evaluate earlier: more eval_points), or GRPO's best at
+        spread = f"; per seed, to its own {base} best: {', '.join('n/a' if r is None else f'{r:.2f}' for r in per_seed)}"
+    # where the curves' ends set the figure, it is a bound, not a measurement: the method already
+    # there at its first evaluation (evaluate earlier: more eval_points), or the baseline's best at
     # its last one (it may still be rising: give it a budget of its own, grpo+rollouts=N)
     floor = n_sd == min(s for s, _, _ in results[sd]["mean"] if s > 0)
     rising = n_g == g[-1][0]
-    caveats = (["at least: self-distillation reached it at its first evaluation"] if floor else []) + \
-              (["GRPO's best is at its last evaluation, so its target may be low"] if rising else [])
-    msg = (f"sample-efficiency ratio: {ratio:.2f} (GRPO reaches its best {target:.1%} at {n_g} rollouts, "
+    caveats = ([f"at least: {sd} reached it at its first evaluation"] if floor else []) + \
+              ([f"{base}'s best is at its last evaluation, so its target may be low"] if rising else [])
+    msg = (f"sample-efficiency ratio: {ratio:.2f} ({base} reaches its best {target:.1%} at {n_g} rollouts, "
            f"{sd} at {n_sd}; mean curves over seeds{spread}); wall-clock ratio to the same target {wall:.2f}"
            + "".join(f"; {c}" for c in caveats))
-    return {"ratio": ratio, "target": target, "grpo_rollouts": n_g, "sd_rollouts": n_sd, "per_seed": per_seed,
-            "wall_clock_ratio": wall, "lower_bound": floor, "grpo_still_rising": rising, "message": msg}
+    return {"ratio": ratio, **found, "method_rollouts": n_sd, "per_seed": per_seed, "wall_clock_ratio": wall,
+            "lower_bound": floor, "baseline_still_rising": rising, "message": msg}
 
 
 def _per_seed_ratios(grpo_runs: list, sd_runs: list) -> list[float | None]:
@@ -399,7 +413,7 @@ def table(results: dict, ratio: dict, score: str = "strict") -> str:
         lines.append(f"| {spec} | {r['mean'][0][1]:.1%} | {statistics.mean(ends):.1%} ± "
                      f"{statistics.pstdev(ends):.1%} | {best:.1%} | {other_end} | {leak:.1%} | "
                      f"{tokens(r['runs'], 0)} → {tokens(r['runs'], -1)} | {secs:.0f} |")
-    return "\n".join(lines) + f"\n\n{ratio['message']}\n"
+    return "\n".join(lines) + (f"\n\n{ratio['message']}\n" if ratio["message"] else "\n")
 
 
 def plot(scenarios: dict, path: Path, score: str = "strict") -> None:

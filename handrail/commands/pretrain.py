@@ -226,8 +226,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         torch.set_num_threads(threads)  # what runs next in this process (demo's training) gets them back
 
 
-def _pretrain(cfg: PretrainConfig, log, held: contextlib.ExitStack) -> dict:
-    rng = random.Random(cfg.seed)
+def _records(cfg: PretrainConfig, rng: random.Random, log):
+    """(training records, the closing check's records, the task or None, the sources of the hard
+    records shown only with a hint)."""
     task, hard = None, set()
     if cfg.data:
         records = list(load_records(cfg.data, cfg.fields))  # shuffled and split below
@@ -254,6 +255,12 @@ def _pretrain(cfg: PretrainConfig, log, held: contextlib.ExitStack) -> dict:
         records = [r for lv in levels
                    for r in records_from_task(task.split("train", per_level, lv, seed=cfg.seed))]
         eval_records = records_from_task(task.split("test", cfg.eval_n))
+    return records, eval_records, task, hard
+
+
+def _pretrain(cfg: PretrainConfig, log, held: contextlib.ExitStack) -> dict:
+    rng = random.Random(cfg.seed)
+    records, eval_records, task, hard = _records(cfg, rng, log)
     texts = [student_prompt(None, r, TINY_TEMPLATES) + teacher_prompt(None, r, TINY_TEMPLATES, hint_for(r, "solution"))
              + _direct(r) for r in records + eval_records]
     tokenizer = build_char_tokenizer(texts)

@@ -157,9 +157,6 @@ class SharedConfig:
 
         parse_fields(self.fields)
         load_verifier(self.verifier)
-        if self.lora_r and self.teacher == "ema":
-            raise UsageError("config key 'teacher': ema keeps its own copy of every weight; with LoRA "
-                             "(lora_r > 0) use frozen (the base, adapter off) or live")
         if self.fsdp and self.lora_r:
             raise UsageError("config key 'fsdp': sharding LoRA adapters is not built (their base is frozen and "
                              "shared; data-parallel training without fsdp keeps one copy of it per process)")
@@ -191,10 +188,6 @@ class SharedConfig:
                                  "records of its own (never the test file)")
         if not self.step_delimiter:
             raise UsageError("config key 'step_delimiter': must not be empty")
-        if self.counterfactual == "shuffled":
-            if self.prompts_per_step < 2:
-                raise UsageError("config key 'counterfactual': the wrong reference is another problem's in the same "
-                                 "step, so prompts_per_step must be at least 2")
         if self.shuffle_references and self.reference == "answer":
             raise UsageError("config key 'shuffle_references': answer-only records have no reference to shuffle "
                              "(their answers are what they are checked against)")

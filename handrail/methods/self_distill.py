@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from handrail.data.records import hint_for
+from handrail.errors import UsageError
 from handrail.engine.objectives import chunked_sum, distill_chunk, fusable, fused_distill_sum
 from handrail.engine.rollout import Guide
 from handrail.engine.targets import RULES
@@ -61,6 +62,21 @@ class SelfDistill(Method, name="self-distill"):
                   "teacher_topk": "[0, )"}
         CHOICES = {"rule": RULES, "teacher": ("frozen", "live", "ema"), "counterfactual": ("none", "shuffled", "auto"),
                    "gate": ("none", "divergence", "point"), "after_gate": ("free", "anchor")}
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        cls.check_teacher(cfg)
+
+    @staticmethod
+    def check_teacher(cfg) -> None:
+        """The rules on the teacher's options (SRPO, which runs this method, checks them too)."""
+        if cfg.lora_r and cfg.teacher == "ema":
+            raise UsageError("config key 'teacher': ema keeps its own copy of every weight; with LoRA "
+                             "(lora_r > 0) use frozen (the base, adapter off) or live")
+        if cfg.counterfactual == "shuffled" and cfg.prompts_per_step < 2:
+            raise UsageError("config key 'counterfactual': the wrong reference is another problem's in the same "
+                             "step, so prompts_per_step must be at least 2")
 
     def __init__(self, cfg, initial_lm, tokenizer, templates, task, prompts=None):
         super().__init__(cfg, initial_lm, tokenizer, templates, task, prompts)

@@ -30,6 +30,7 @@ class SRPO(Method, name="srpo"):
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
+        SelfDistill.check_teacher(cfg)
         if cfg.rollout in ("guided", "logged"):
             raise UsageError(f"config key 'rollout': {cfg.rollout} rollouts need method self-distill "
                              f"(they need a teacher)")
