@@ -338,25 +338,25 @@ def efficiency_ratio(results: dict, pair: str = "self-distill/grpo") -> dict:
     def first(method):
         return next((k for k in results if k.split("+")[0].split(":")[0] == method), None)
 
-    sd, base = first(of), first(to)
-    if base is None or sd is None:
+    spec, base = first(of), first(to)
+    if base is None or spec is None:
         return {"ratio": None, "message": f"sample-efficiency ratio: needs {of} and {to} in --methods"}
-    g = results[base]["mean"]
-    target = max(m for _, m, _ in g)  # the baseline's best mean accuracy over the evaluation points
-    n_g = samples_to_reach([(s, m) for s, m, _ in g], target)
-    n_sd = samples_to_reach([(s, m) for s, m, _ in results[sd]["mean"]], target)
-    found = {"method": sd, "baseline": base, "target": target, "baseline_rollouts": n_g}
-    if n_sd is None:
-        msg = (f"sample-efficiency ratio: {sd} never reached {base}'s best accuracy {target:.1%} "
-               f"within {g[-1][0]} rollouts")
+    curve = results[base]["mean"]
+    target = max(m for _, m, _ in curve)  # the baseline's best mean accuracy over the evaluation points
+    n_base = samples_to_reach([(s, m) for s, m, _ in curve], target)
+    n_spec = samples_to_reach([(s, m) for s, m, _ in results[spec]["mean"]], target)
+    found = {"method": spec, "baseline": base, "target": target, "baseline_rollouts": n_base}
+    if n_spec is None:
+        msg = (f"sample-efficiency ratio: {spec} never reached {base}'s best accuracy {target:.1%} "
+               f"within {curve[-1][0]} rollouts")
         return {"ratio": None, **found, "method_rollouts": None, "message": msg}
-    if n_sd == 0:
+    if n_spec == 0:
         msg = (f"sample-efficiency ratio: undefined, the base model already scores {base}'s best "
                f"accuracy {target:.1%} ({base} did not improve on it)")
         return {"ratio": None, **found, "method_rollouts": 0, "message": msg}
-    ratio = n_g / n_sd
-    per_seed = _per_seed_ratios(results[base]["runs"], results[sd]["runs"])
-    wall = _seconds_at(results[base]["runs"], n_g) / max(_seconds_at(results[sd]["runs"], n_sd), 1e-9)
+    ratio = n_base / n_spec
+    per_seed = _per_seed_ratios(results[base]["runs"], results[spec]["runs"])
+    wall = _seconds_at(results[base]["runs"], n_base) / max(_seconds_at(results[spec]["runs"], n_spec), 1e-9)
     spread = ""
     if per_seed and all(r is not None for r in per_seed):
         spread = f"; per seed, to its own {base} best: {statistics.mean(per_seed):.2f} ± {statistics.pstdev(per_seed):.2f}"
@@ -365,26 +365,26 @@ def efficiency_ratio(results: dict, pair: str = "self-distill/grpo") -> dict:
     # where the curves' ends set the figure, it is a bound, not a measurement: the method already
     # there at its first evaluation (evaluate earlier: more eval_points), or the baseline's best at
     # its last one (it may still be rising: give it a budget of its own, grpo+rollouts=N)
-    floor = n_sd == min(s for s, _, _ in results[sd]["mean"] if s > 0)
-    rising = n_g == g[-1][0]
-    caveats = ([f"at least: {sd} reached it at its first evaluation"] if floor else []) + \
+    floor = n_spec == min(s for s, _, _ in results[spec]["mean"] if s > 0)
+    rising = n_base == curve[-1][0]
+    caveats = ([f"at least: {spec} reached it at its first evaluation"] if floor else []) + \
               ([f"{base}'s best is at its last evaluation, so its target may be low"] if rising else [])
-    msg = (f"sample-efficiency ratio: {ratio:.2f} ({base} reaches its best {target:.1%} at {n_g} rollouts, "
-           f"{sd} at {n_sd}; mean curves over seeds{spread}); wall-clock ratio to the same target {wall:.2f}"
+    msg = (f"sample-efficiency ratio: {ratio:.2f} ({base} reaches its best {target:.1%} at {n_base} rollouts, "
+           f"{spec} at {n_spec}; mean curves over seeds{spread}); wall-clock ratio to the same target {wall:.2f}"
            + "".join(f"; {c}" for c in caveats))
-    return {"ratio": ratio, **found, "method_rollouts": n_sd, "per_seed": per_seed, "wall_clock_ratio": wall,
+    return {"ratio": ratio, **found, "method_rollouts": n_spec, "per_seed": per_seed, "wall_clock_ratio": wall,
             "lower_bound": floor, "baseline_still_rising": rising, "message": msg}
 
 
-def _per_seed_ratios(grpo_runs: list, sd_runs: list) -> list[float | None]:
-    """Seed i of GRPO against seed i of self-distillation, to GRPO seed i's own best accuracy:
-    None where self-distillation never reaches it (or starts there)."""
+def _per_seed_ratios(base_runs: list, runs: list) -> list[float | None]:
+    """Seed i of the baseline against seed i of the method, to the baseline seed i's own best
+    accuracy: None where the method never reaches it (or starts there)."""
     out = []
-    for g, d in zip(grpo_runs, sd_runs):
-        target = max(p["pass@1"] for p in g["curve"])
-        n_g = samples_to_reach([(p["samples"], p["pass@1"]) for p in g["curve"]], target)
-        n_sd = samples_to_reach([(p["samples"], p["pass@1"]) for p in d["curve"]], target)
-        out.append(n_g / n_sd if n_g and n_sd else None)
+    for b, r in zip(base_runs, runs):
+        target = max(p["pass@1"] for p in b["curve"])
+        n_base = samples_to_reach([(p["samples"], p["pass@1"]) for p in b["curve"]], target)
+        n_spec = samples_to_reach([(p["samples"], p["pass@1"]) for p in r["curve"]], target)
+        out.append(n_base / n_spec if n_base and n_spec else None)
     return out
 
 
