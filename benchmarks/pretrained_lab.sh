@@ -17,10 +17,11 @@
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/pretrained_lab.sh OUT}
 LR=${LR:-1e-3}  # the controls' rate: self-distillation's choice in step 4 (read it from $OUT/lab/table.md)
+WARMUP_STEPS=${WARMUP_STEPS:-1}  # 1,1,1,2: a quarter of the warm start two-step (BENCHMARKS.md §P3)
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 here=$(cd "$(dirname "$0")" && pwd)
-[ -f "$OUT/data/test.jsonl" ] || python "$here/word_problems.py" --out "$OUT/data" --steps 2
+[ -f "$OUT/data/test.jsonl" ] || python "$here/word_problems.py" --out "$OUT/data" --steps 2 --warmup-steps "$WARMUP_STEPS"
 [ -d "$OUT/warm/model" ] || handrail train --model smollm2 --method sft --data "$OUT/data/warmup.jsonl" \
     --rollouts 400 --out "$OUT/warm" lr=3e-5 eval_n=0 checkpoint_every=0 threads=1
 [ -f "$OUT/probe.json" ] || handrail probe --model "$OUT/warm/model" --data "$OUT/data/test.jsonl" --n 64 \

@@ -16,8 +16,10 @@ worked one step per line in plain English, closing with the GSM8K answer mark:
 
 The four files hold disjoint problems: `train.jsonl` (prompt, solution, answer) for training,
 `val.jsonl` for choosing hyperparameters, `test.jsonl` held out, and `warmup.jsonl` for a short
-supervised warm start that teaches the format before post-training (one-step problems only, so
-the warm start shows the form of the work, not the multi-step problems post-training is about).
+supervised warm start that teaches the format before post-training (by default one-step problems
+only, so the warm start shows the form of the work, not the multi-step problems post-training is
+about; `--warmup-steps 1,1,1,2` shows a quarter of them two-step, for a student that already
+solves some).
 """
 
 import argparse
@@ -69,15 +71,18 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=100)
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=400)
+    ap.add_argument("--warmup-steps", default="1",
+                    help="steps per warmup problem, drawn uniformly from the list: 1,1,1,2 makes a quarter two-step")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     steps = [int(s) for s in a.steps.split(",")]
+    warmup_steps = [int(s) for s in a.warmup_steps.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rng, seen = random.Random(a.seed), set()
     # test first, so that its problems do not depend on how many training problems are asked for
     for name, n, st in (("test", a.test, steps), ("val", a.val, steps), ("train", a.train, steps),
-                        ("warmup", a.warmup, [1])):
+                        ("warmup", a.warmup, warmup_steps)):
         with open(out / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in draw(rng, n, st, seen))
     print(f"wrote {out}/test.jsonl, val.jsonl, train.jsonl, warmup.jsonl (steps {a.steps})")
