@@ -17,7 +17,7 @@
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/pretrained_lab.sh OUT}
 LR=${LR:-1e-3}  # the controls' rate: self-distillation's choice in step 4 (read it from $OUT/lab/table.md)
-WARMUP_STEPS=${WARMUP_STEPS:-1}  # 1,1,1,2: a quarter of the warm start two-step (BENCHMARKS.md §P3)
+WARMUP_STEPS=${WARMUP_STEPS:-1}  # 1,1,1,2: a quarter of the warm start two-step, §P3's warm start (§P3 lists its own commands)
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 here=$(cd "$(dirname "$0")" && pwd)

@@ -63,29 +63,38 @@ def draw(rng: random.Random, n: int, steps: list[int], seen: set) -> list[dict]:
     return out
 
 
+def step_list(text: str) -> list[int]:
+    """'1,1,1,2' -> [1, 1, 1, 2]; problems draw their step count uniformly from it."""
+    try:
+        out = [int(s) for s in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: want positive integers separated by commas, e.g. 2 or 1,1,1,2")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", default="2", help="steps per problem, e.g. 2 or 1,2,3")
+    ap.add_argument("--steps", type=step_list, default="2", help="steps per problem, e.g. 2 or 1,2,3")
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--val", type=int, default=100)
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=400)
-    ap.add_argument("--warmup-steps", default="1",
+    ap.add_argument("--warmup-steps", type=step_list, default="1",
                     help="steps per warmup problem, drawn uniformly from the list: 1,1,1,2 makes a quarter two-step")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    steps = [int(s) for s in a.steps.split(",")]
-    warmup_steps = [int(s) for s in a.warmup_steps.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rng, seen = random.Random(a.seed), set()
     # test first, so that its problems do not depend on how many training problems are asked for
-    for name, n, st in (("test", a.test, steps), ("val", a.val, steps), ("train", a.train, steps),
-                        ("warmup", a.warmup, warmup_steps)):
+    for name, n, st in (("test", a.test, a.steps), ("val", a.val, a.steps), ("train", a.train, a.steps),
+                        ("warmup", a.warmup, a.warmup_steps)):
         with open(out / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in draw(rng, n, st, seen))
-    print(f"wrote {out}/test.jsonl, val.jsonl, train.jsonl, warmup.jsonl (steps {a.steps})")
+    print(f"wrote {out}/test.jsonl, val.jsonl, train.jsonl, warmup.jsonl (steps {a.steps}, warmup {a.warmup_steps})")
 
 
 if __name__ == "__main__":

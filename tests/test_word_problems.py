@@ -37,3 +37,10 @@ def test_files_are_disjoint_worked_right_and_the_warmup_share_is_as_asked(tmp_pa
     assert all(steps(r) == 1 for r in plain["warmup"])
     two = sum(steps(r) == 2 for r in mixed["warmup"])
     assert 60 <= two <= 140 and two + sum(steps(r) == 1 for r in mixed["warmup"]) == 400
+
+
+def test_a_malformed_step_list_is_one_line_and_exit_2(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "word_problems.py"), "--out", str(tmp_path),
+                        "--warmup-steps", "1,two"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--warmup-steps" in p.stderr and "'1,two'" in p.stderr
+    assert not (tmp_path / "test.jsonl").exists()
